@@ -1,0 +1,174 @@
+"""The ``plankton`` command: Lightning's ``fit``/``validate``/``test``/``predict`` plus the suite's
+own commands (``data synth``, ``data inspect``).
+
+    plankton fit --config configs/supervised.yaml
+    plankton data synth --out data/synthetic --classes 12 --per-class 300
+    plankton data inspect --root path/to/class_folders --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+from jsonargparse import ArgumentParser, Namespace
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from datamodules import PlanktonDataModule, SyntheticPlankton
+from datamodules.synthetic import DOMAINS, write_dataset
+
+SUITE_COMMANDS = {"data": "synthesise or inspect a dataset"}
+
+
+class PlanktonCLI(LightningCLI):
+    """LightningCLI over the one PlanktonDataModule and any LightningModule of the suite."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            model_class=LightningModule,
+            datamodule_class=PlanktonDataModule,
+            subclass_mode_model=True,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The data decides the classes and the image format; every model receives them.
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+        parser.link_arguments("data.channels", "model.init_args.in_chans", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        """Name the default TensorBoard run after the model, under ``default_root_dir``."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.logger in (None, True):
+            model_name = config.model.class_path.rsplit(".", 1)[-1].removesuffix("Module").lower()
+            config.trainer.logger = Namespace(
+                class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                init_args=Namespace(
+                    save_dir=config.trainer.default_root_dir or ".", name=model_name
+                ),
+            )
+
+
+def data_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="plankton data", description=SUITE_COMMANDS["data"])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    synth = commands.add_parser("synth", help="write a synthetic plankton dataset")
+    defaults = SyntheticPlankton()
+    synth.add_argument("--out", required=True, help="folder to create (must be new or empty)")
+    synth.add_argument("--classes", type=int, default=defaults.classes)
+    synth.add_argument("--per-class", type=int, default=defaults.per_class,
+                       help="images of the most common class")
+    synth.add_argument("--imbalance", type=float, default=defaults.imbalance,
+                       help="most / least common class (1 = balanced)")
+    synth.add_argument("--size", type=int, default=defaults.size, help="image side in pixels")
+    synth.add_argument("--domains", default=",".join(DOMAINS),
+                       help=f"comma-separated, among {','.join(DOMAINS)}")
+    synth.add_argument("--ood-fraction", type=float, default=defaults.ood_fraction,
+                       help="size of each shifted domain relative to the source")
+    synth.add_argument("--seed", type=int, default=defaults.seed)
+
+    inspect = commands.add_parser("inspect", help="scan a dataset as the DataModule would")
+    where = inspect.add_mutually_exclusive_group(required=True)
+    where.add_argument("--root", help="a class folder tree, WHOI folder, CSV or EcoTaxa TSV")
+    where.add_argument("--config", help="a data config, or a model config with a 'data' section")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+
+    args = parser.parse_args(argv)
+    if args.command == "synth":
+        spec = SyntheticPlankton(
+            classes=args.classes,
+            per_class=args.per_class,
+            imbalance=args.imbalance,
+            size=args.size,
+            domains=[d.strip() for d in args.domains.split(",") if d.strip()],
+            ood_fraction=args.ood_fraction,
+            seed=args.seed,
+        )
+        manifest = write_dataset(spec, args.out)
+        print(f"wrote {manifest}")
+        return 0
+
+    datamodule = (
+        PlanktonDataModule(source=args.root, progress=not args.json)
+        if args.root
+        else datamodule_from_config(args.config, progress=not args.json)
+    )
+    summary = datamodule.summary
+    if args.json:
+        print(json.dumps(summary.as_dict(), indent=2))
+    else:
+        print(format_summary(summary.as_dict()))
+    return 0
+
+
+def datamodule_from_config(path: str | Path, **overrides: object) -> PlanktonDataModule:
+    """A PlanktonDataModule from a data config or from the ``data`` section of a model config."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config {path} does not exist")
+    content = yaml.safe_load(path.read_text()) or {}
+    data = content.get("data", content) if isinstance(content, dict) else None
+    if isinstance(data, str):  # ``data: data/synthetic.yaml``, relative to the config
+        return datamodule_from_config(path.parent / data, **overrides)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of PlanktonDataModule settings")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(PlanktonDataModule, "data")
+    config = parser.parse_object({"data": {**data, **overrides}})
+    return parser.instantiate_classes(config).data
+
+
+def format_summary(summary: dict) -> str:
+    """A human-readable table of classes by split, then everything that was left out."""
+    splits = list(summary["counts"])
+    width = max([len(c) for c in summary["classes"]] + [5])
+    lines = [f"{len(summary['classes'])} classes", ""]
+    lines.append(f"{'class':<{width}}  " + "  ".join(f"{s:>10}" for s in splits))
+    for name in summary["classes"]:
+        row = "  ".join(f"{summary['counts'][s].get(name, 0):>10}" for s in splits)
+        lines.append(f"{name:<{width}}  {row}")
+    totals = "  ".join(f"{sum(summary['counts'][s].values()):>10}" for s in splits)
+    lines.append(f"{'total':<{width}}  {totals}")
+    for title, key in [
+        ("dropped classes (min_per_class)", "dropped_classes"),
+        ("training images unused by the balanced regime", "unused_train"),
+    ]:
+        if summary[key]:
+            lines += ["", f"{title}:"] + [f"  {k}: {v}" for k, v in summary[key].items()]
+    if summary["excluded"]:
+        lines += ["", "excluded labels (unknown to training or dropped by class_map):"]
+        for set_name, labels in summary["excluded"].items():
+            lines += [f"  {set_name}: " + ", ".join(f"{k} ({v})" for k, v in labels.items())]
+    lines += ["", f"skipped files: {len(summary['skipped'])}"]
+    lines += [f"  {s['path']}: {s['reason']}" for s in summary["skipped"]]
+    lines += [f"warning: {w}" for w in summary["warnings"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from_console = argv is None
+    argv = sys.argv[1:] if from_console else list(argv)
+    if argv and argv[0] == "data":
+        try:
+            return data_command(argv[1:])
+        except (FileNotFoundError, FileExistsError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    if argv and argv[0] in ("-h", "--help"):
+        print("Suite commands:\n" + "\n".join(f"  {k:<10} {v}" for k, v in SUITE_COMMANDS.items()))
+        print("\nLightning commands (fit, validate, test, predict):\n")
+    PlanktonCLI(args=None if from_console else argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

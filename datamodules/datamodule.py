@@ -1,0 +1,428 @@
+"""``PlanktonDataModule``: the one data pipeline every method of the suite reads from."""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from .cache import CachedImages, default_cache_dir, load_or_build
+from .preprocessing import Preprocessing
+from .sources import FIXED_SPLITS, TRAINVAL, ImageRecord, Skipped, SourceFormat, scan
+from .splits import assign_splits, balanced_subset
+from .synthetic import SyntheticPlankton, ensure_dataset
+from .views import View, eval_view
+
+IN_DISTRIBUTION = (*FIXED_SPLITS, TRAINVAL, None)
+
+
+class PlanktonImages(Dataset):
+    """Images of one split, read from the cache. Items are ``(image, label, index)``; ``index``
+    is the image's position in this split, a stable identity for per-image randomness."""
+
+    def __init__(
+        self, cache_path: Path, rows: np.ndarray, labels: np.ndarray, transform: View
+    ) -> None:
+        self.cache_path = cache_path
+        self.rows = rows
+        self.labels = labels
+        self.transform = transform
+        self._images: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        if self._images is None:  # opened lazily, once per DataLoader worker
+            self._images = np.load(self.cache_path, mmap_mode="r")
+        image = torch.from_numpy(np.array(self._images[self.rows[index]]))
+        return self.transform(image), int(self.labels[index]), index
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_images": None}
+
+    def with_transform(self, transform: View) -> PlanktonImages:
+        return PlanktonImages(self.cache_path, self.rows, self.labels, transform)
+
+
+@dataclass
+class DatasetSummary:
+    """What the DataModule made of a dataset: the answer of ``plankton data inspect``."""
+
+    classes: list[str]
+    counts: dict[str, dict[str, int]]
+    skipped: list[Skipped]
+    dropped_classes: dict[str, int] = field(default_factory=dict)
+    excluded: dict[str, dict[str, int]] = field(default_factory=dict)
+    unused_train: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "classes": self.classes,
+            "counts": self.counts,
+            "skipped": [s.as_dict() for s in self.skipped],
+            "dropped_classes": self.dropped_classes,
+            "excluded": self.excluded,
+            "unused_train": self.unused_train,
+            "warnings": self.warnings,
+        }
+
+
+@dataclass
+class _Split:
+    source: CachedImages
+    rows: list[int]
+    labels: list[str]
+
+
+class PlanktonDataModule(L.LightningDataModule):
+    """Plankton images from class folders, WHOI year folders, a CSV manifest, an EcoTaxa export
+    or the synthetic generator, preprocessed once into a cache and split deterministically.
+
+    Args:
+        source: ``synthetic`` (the default, generated on first use) or the path of a folder of
+            class folders, a WHOI-style folder of years, a CSV manifest or an EcoTaxa TSV.
+        format: layout of ``source``; ``auto`` guesses it from the path.
+        synthetic: settings of the synthetic dataset when ``source`` is ``synthetic``.
+        train_years: WHOI layout: years whose images are split into train and val.
+            Default: every year but the last.
+        test_years: WHOI layout: years that form the test set. Default: the last year.
+        ood: named out-of-distribution test sets, ``{name: path}``, read like ``source`` and
+            evaluated with the training classes. Manifest rows whose ``split`` is not train, val
+            or test add sets too.
+        class_map: ``{label: new_label}`` to rename, ``{label: null}`` to drop, applied to every
+            set before anything else.
+        regime: ``long_tailed`` trains on every training image, ``balanced`` on at most
+            ``max_per_class`` per class (the same images on every run).
+        max_per_class: training images per class in the balanced regime.
+        min_per_class: classes with fewer images (before splitting) are dropped and reported.
+        val_fraction: fraction of each class's images for validation.
+        test_fraction: fraction of each class's images for test.
+        split_seed: seed of the split hash; change it for another random split.
+        image_size: side of the square images the models see.
+        channels: 1 for greyscale (the default), 3 for RGB.
+        polarity: ``auto`` inverts dark-on-light images so every instrument gives bright
+            objects on a dark background; ``keep`` leaves them.
+        max_aspect: longest aspect ratio kept before padding; thinner objects are widened.
+        strict: raise on any unreadable or non-image file instead of skipping and listing it.
+        cache_dir: where synthetic data and preprocessed caches live
+            (default ``$PLANKTON_CACHE`` or ``~/.cache/plankton``).
+        batch_size: training batch size per device.
+        eval_batch_size: batch size of validation, test and predict (default: ``batch_size``).
+        num_workers: DataLoader workers, also used to build the cache.
+        sampler: ``shuffle``, or ``class_balanced`` to draw every class equally often.
+        predict_set: the split ``predict`` runs on (``test``, ``val``, ``train`` or an OOD name).
+        progress: show progress bars for generation and caching.
+    """
+
+    def __init__(
+        self,
+        source: str = "synthetic",
+        format: SourceFormat = "auto",
+        synthetic: SyntheticPlankton | None = None,
+        train_years: list[str] | None = None,
+        test_years: list[str] | None = None,
+        ood: dict[str, str] | None = None,
+        class_map: dict[str, str | None] | None = None,
+        regime: Literal["balanced", "long_tailed"] = "long_tailed",
+        max_per_class: int = 100,
+        min_per_class: int = 1,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        split_seed: int = 0,
+        image_size: int = 32,
+        channels: Literal[1, 3] = 1,
+        polarity: Literal["keep", "auto"] = "keep",
+        max_aspect: float = 4.0,
+        strict: bool = False,
+        cache_dir: str | None = None,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        sampler: Literal["shuffle", "class_balanced"] = "shuffle",
+        predict_set: str = "test",
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        if regime not in ("balanced", "long_tailed"):
+            raise ValueError(f"regime must be 'balanced' or 'long_tailed', got {regime!r}")
+        if sampler not in ("shuffle", "class_balanced"):
+            raise ValueError(f"sampler must be 'shuffle' or 'class_balanced', got {sampler!r}")
+        clashes = sorted(set(ood or {}) & set(FIXED_SPLITS))
+        if clashes:
+            raise ValueError(f"ood set names {clashes} clash with train/val/test: rename them")
+        self.save_hyperparameters()
+        self.source = source
+        self.format = format
+        self.synthetic = synthetic or SyntheticPlankton()
+        self.train_years, self.test_years = train_years, test_years
+        self.ood = dict(ood or {})
+        self.class_map = dict(class_map or {})
+        self.regime = regime
+        self.max_per_class = max_per_class
+        self.min_per_class = min_per_class
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.split_seed = split_seed
+        self.preprocessing = Preprocessing(image_size, channels, polarity, max_aspect)
+        self.strict = strict
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.sampler = sampler
+        self.predict_set = predict_set
+        self.progress = progress
+        self._splits: dict[str, _Split] | None = None
+        self._summary: DatasetSummary | None = None
+
+    # -- what the models need to know -------------------------------------------------------
+    @property
+    def image_size(self) -> int:
+        return self.preprocessing.image_size
+
+    @property
+    def channels(self) -> int:
+        return self.preprocessing.channels
+
+    @property
+    def summary(self) -> DatasetSummary:
+        """Classes, counts and everything skipped; scanning and caching happen on first use."""
+        if self._summary is None:
+            self._build()
+        assert self._summary is not None
+        return self._summary
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.summary.classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def eval_set_names(self) -> list[str]:
+        """The test split first, then every out-of-distribution set, in test dataloader order."""
+        return ["test"] + sorted(s for s in self.summary.counts if s not in FIXED_SPLITS)
+
+    @property
+    def class_counts(self) -> torch.Tensor:
+        """Training images per class, in ``class_names`` order."""
+        train = self.summary.counts["train"]
+        return torch.tensor([train[c] for c in self.class_names], dtype=torch.long)
+
+    @property
+    def class_weights(self) -> torch.Tensor:
+        """Inverse-frequency weights with mean 1 over classes, for a class-balanced loss."""
+        counts = self.class_counts.double().clamp(min=1)
+        return (counts.sum() / (len(counts) * counts)).float()
+
+    # -- building ----------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        self.summary  # noqa: B018 - generates, scans and caches once per node
+
+    def setup(self, stage: str | None = None) -> None:
+        self.summary  # noqa: B018
+
+    def _scan_sources(self) -> list[tuple[str, str | None, list[ImageRecord], list[Skipped], list[str]]]:
+        """``(name, ood set or None, records, skipped, warnings)`` of the main source and each
+        extra OOD source."""
+        if self.source == "synthetic":
+            main_path = ensure_dataset(self.synthetic, self.cache_dir, progress=self.progress)
+            main_format: SourceFormat = "manifest"
+        else:
+            main_path, main_format = Path(self.source).expanduser(), self.format
+        sources = []
+        main = scan(main_path, main_format, self.train_years, self.test_years)
+        sources.append((str(main_path.resolve()), None, main.records, main.skipped, main.warnings))
+        for name, path in sorted(self.ood.items()):
+            part = scan(path)
+            sources.append((str(Path(path).resolve()), name, part.records, part.skipped, part.warnings))
+        if not main.records:
+            raise ValueError(
+                f"no images found in {main_path}: expected class folders (root/<class>/*.png), "
+                "WHOI year folders, a CSV manifest or an EcoTaxa TSV"
+                + (f"; {len(main.skipped)} files were skipped" if main.skipped else "")
+            )
+        return sources
+
+    def _build(self) -> None:
+        skipped: list[Skipped] = []
+        notes: list[str] = []
+        excluded: dict[str, Counter] = defaultdict(Counter)
+        candidates: dict[str, list[tuple[CachedImages, int, str, str]]] = defaultdict(list)
+        in_distribution: list[tuple[CachedImages, int, ImageRecord, str]] = []
+        for name, ood_name, records, scan_skipped, scan_notes in self._scan_sources():
+            skipped += scan_skipped
+            notes += scan_notes
+            cached = load_or_build(
+                records, self.preprocessing, self.cache_dir, name, self.num_workers, self.progress
+            )
+            skipped += cached.failed
+            for row, record in enumerate(records):
+                if not cached.readable[row]:
+                    continue
+                label = self.class_map.get(record.label, record.label)
+                set_name = ood_name or record.split
+                if label is None:
+                    excluded[set_name or "unsplit"][record.label] += 1
+                elif set_name in IN_DISTRIBUTION:
+                    in_distribution.append((cached, row, record, label))
+                else:
+                    candidates[set_name].append((cached, row, label, record.key))
+        if self.strict and skipped:
+            listing = "\n".join(f"  {s.path}: {s.reason}" for s in skipped[:50])
+            more = f"\n  ... and {len(skipped) - 50} more" if len(skipped) > 50 else ""
+            raise ValueError(
+                f"strict: {len(skipped)} file(s) cannot be used:\n{listing}{more}\n"
+                "Remove or fix them, or set strict: false to skip and list them."
+            )
+
+        sizes = Counter(label for _, _, _, label in in_distribution)
+        dropped = {c: n for c, n in sorted(sizes.items()) if n < self.min_per_class}
+        in_distribution = [item for item in in_distribution if item[3] not in dropped]
+        splits = assign_splits(
+            [record.key for _, _, record, _ in in_distribution],
+            [label for _, _, _, label in in_distribution],
+            [record.split for _, _, record, _ in in_distribution],
+            self.val_fraction,
+            self.test_fraction,
+            self.split_seed,
+        )
+        for (cached, row, record, label), split in zip(in_distribution, splits, strict=True):
+            candidates[split].append((cached, row, label, record.key))
+
+        classes = sorted({label for _, _, label, _ in candidates.get("train", [])})
+        if not classes:
+            raise ValueError(
+                f"no training images left in {self.source} after skipping unreadable files, "
+                f"class_map and min_per_class={self.min_per_class}: check the data settings"
+            )
+        known = set(classes)
+        chosen: dict[str, _Split] = {}
+        unused: Counter = Counter()
+        for set_name, items in candidates.items():
+            kept = [item for item in items if item[2] in known]
+            for item in items:
+                if item[2] not in known:
+                    excluded[set_name][item[2]] += 1
+            if set_name == "train" and self.regime == "balanced":
+                keep = set(
+                    balanced_subset(
+                        range(len(kept)),
+                        [item[3] for item in kept],
+                        [item[2] for item in kept],
+                        self.max_per_class,
+                        self.split_seed,
+                    )
+                )
+                unused = Counter(item[2] for i, item in enumerate(kept) if i not in keep)
+                kept = [item for i, item in enumerate(kept) if i in keep]
+            sources = {id(item[0]) for item in kept}
+            assert len(sources) <= 1, f"set {set_name} spans several caches"
+            chosen[set_name] = _Split(
+                source=kept[0][0] if kept else items[0][0],
+                rows=[item[1] for item in kept],
+                labels=[item[2] for item in kept],
+            )
+        for split in FIXED_SPLITS:
+            chosen.setdefault(split, _Split(in_distribution[0][0], [], []))
+
+        counts = {
+            name: {c: Counter(split.labels)[c] for c in classes} for name, split in chosen.items()
+        }
+        self._summary = DatasetSummary(
+            classes=classes,
+            counts=dict(sorted(counts.items(), key=lambda kv: _split_order(kv[0]))),
+            skipped=skipped,
+            dropped_classes=dropped,
+            excluded={k: dict(sorted(v.items())) for k, v in sorted(excluded.items())},
+            unused_train=dict(sorted(unused.items())),
+            warnings=notes,
+        )
+        self._splits = chosen
+        self._report()
+
+    def _report(self) -> None:
+        summary = self.summary
+        if summary.skipped:
+            examples = "; ".join(f"{s.path} ({s.reason})" for s in summary.skipped[:3])
+            warnings.warn(
+                f"{len(summary.skipped)} file(s) skipped, e.g. {examples}. "
+                "`plankton data inspect` lists them all.",
+                stacklevel=3,
+            )
+        if summary.dropped_classes:
+            warnings.warn(
+                f"classes with fewer than min_per_class={self.min_per_class} images dropped: "
+                f"{summary.dropped_classes}",
+                stacklevel=3,
+            )
+        for note in summary.warnings:
+            warnings.warn(note, stacklevel=3)
+
+    # -- datasets and loaders ----------------------------------------------------------------
+    def dataset(self, split: str, transform: View | None = None) -> PlanktonImages:
+        """The images of ``split`` (train, val, test or an OOD set name), evaluation view by
+        default."""
+        self.summary  # noqa: B018
+        assert self._splits is not None
+        if split not in self._splits:
+            raise KeyError(f"no split {split!r}; available: {sorted(self._splits)}")
+        part = self._splits[split]
+        index = {c: i for i, c in enumerate(self.class_names)}
+        return PlanktonImages(
+            part.source.path,
+            np.asarray(part.rows, dtype=np.int64),
+            np.asarray([index[label] for label in part.labels], dtype=np.int64),
+            transform or eval_view(self.image_size, self.channels),
+        )
+
+    def _train_view(self) -> View:
+        """The training view the attached model asks for (its ``train_view`` method)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        make_view = getattr(module, "train_view", None)
+        if make_view is None:
+            return eval_view(self.image_size, self.channels)
+        return make_view(self.image_size, self.channels)
+
+    def _loader(self, dataset: PlanktonImages, train: bool = False) -> DataLoader:
+        sampler = None
+        if train and self.sampler == "class_balanced":
+            per_class = np.bincount(dataset.labels, minlength=self.num_classes).clip(min=1)
+            weights = torch.as_tensor(1.0 / per_class[dataset.labels], dtype=torch.double)
+            sampler = WeightedRandomSampler(weights, num_samples=len(dataset), replacement=True)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            drop_last=train and len(dataset) > self.batch_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("train", self._train_view()), train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("val"))
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """The test split, then every OOD set (``eval_set_names`` gives their names)."""
+        return [self._loader(self.dataset(name)) for name in self.eval_set_names]
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset(self.predict_set))
+
+
+def _split_order(name: str) -> tuple[int, str]:
+    return (FIXED_SPLITS.index(name), "") if name in FIXED_SPLITS else (len(FIXED_SPLITS), name)

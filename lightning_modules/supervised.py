@@ -1,0 +1,127 @@
+"""``SupervisedModule``: a timm ResNet trained from scratch on the labels (the supervised baseline)."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from datamodules.views import View, supervised_view
+
+from .classification_metrics import classification_metrics, loggable
+
+
+class SupervisedModule(L.LightningModule):
+    """Cross-entropy classifier on a timm backbone, with the suite's metrics on every eval set.
+
+    Args:
+        num_classes: linked from the data (``data.num_classes``).
+        class_names: linked from the data; stored in the checkpoint for prediction.
+        backbone: a timm model name (``resnet18``, ``resnet50``...); never pretrained, since
+            nothing is downloaded.
+        in_chans: image channels, linked from the data.
+        lr: peak AdamW learning rate for a batch of 256, scaled linearly by the global batch.
+        weight_decay: AdamW weight decay.
+        warmup_epochs: linear warm-up before the cosine decay.
+        label_smoothing: cross-entropy label smoothing.
+        class_balanced_loss: weight the loss by inverse class frequency (long-tailed data).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: list[str] | None = None,
+        backbone: str = "resnet18",
+        in_chans: int = 1,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_epochs: int = 1,
+        label_smoothing: float = 0.1,
+        class_balanced_loss: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.class_names = class_names or [str(i) for i in range(num_classes)]
+        self.model = timm.create_model(
+            backbone, pretrained=False, num_classes=num_classes, in_chans=in_chans
+        )
+        self.register_buffer("class_weights", torch.ones(num_classes))
+        self.val_metrics = classification_metrics(num_classes)
+        self.test_metrics = nn.ModuleList()
+
+    def train_view(self, image_size: int, channels: int) -> View:
+        return supervised_view(image_size, channels)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if stage == "fit" and self.hparams.class_balanced_loss and datamodule is not None:
+            self.class_weights.copy_(datamodule.class_weights)
+
+    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+        images, labels, _ = batch
+        loss = F.cross_entropy(
+            self(images),
+            labels,
+            weight=self.class_weights,
+            label_smoothing=self.hparams.label_smoothing,
+        )
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple, batch_idx: int) -> None:
+        images, labels, _ = batch
+        logits = self(images)
+        self.log("val/loss", F.cross_entropy(logits, labels), sync_dist=True)
+        self.val_metrics.update(logits, labels)
+
+    def on_validation_epoch_end(self) -> None:
+        results = loggable(self.val_metrics.compute(), "val", self.class_names)
+        self.log_dict(results, sync_dist=False)
+        self.val_metrics.reset()
+
+    def on_test_start(self) -> None:
+        names = self._eval_set_names()
+        self.test_metrics = nn.ModuleList(
+            classification_metrics(self.hparams.num_classes) for _ in names
+        ).to(self.device)
+
+    def test_step(self, batch: tuple, batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, labels, _ = batch
+        self.test_metrics[dataloader_idx].update(self(images), labels)
+
+    def on_test_epoch_end(self) -> None:
+        for name, metrics in zip(self._eval_set_names(), self.test_metrics, strict=True):
+            self.log_dict(loggable(metrics.compute(), name, self.class_names))
+            metrics.reset()
+
+    def predict_step(self, batch: tuple, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        return self(batch[0]).softmax(dim=-1)
+
+    def _eval_set_names(self) -> list[str]:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        return datamodule.eval_set_names if datamodule is not None else ["test"]
+
+    def configure_optimizers(self) -> dict:
+        global_batch = self.trainer.world_size * getattr(self.trainer.datamodule, "batch_size", 256)
+        optimizer = torch.optim.AdamW(
+            self.parameters(),
+            lr=self.hparams.lr * global_batch / 256,
+            weight_decay=self.hparams.weight_decay,
+        )
+        total = max(1, self.trainer.estimated_stepping_batches)
+        warmup = min(total - 1, self.hparams.warmup_epochs * total // max(1, self.trainer.max_epochs))
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
