@@ -222,8 +222,8 @@ class PlanktonDataModule(L.LightningDataModule):
     @property
     def class_weights(self) -> torch.Tensor:
         """Inverse-frequency weights with mean 1 over classes, for a class-balanced loss."""
-        counts = self.class_counts.double().clamp(min=1)
-        return (counts.sum() / (len(counts) * counts)).float()
+        inverse = 1.0 / self.class_counts.double().clamp(min=1)
+        return (inverse / inverse.mean()).float()
 
     # -- building ----------------------------------------------------------------------------
     def prepare_data(self) -> None:

@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny synthetic datasets and an isolated cache folder per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from datamodules import SyntheticPlankton
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPOSITORY.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("plankton-cache")
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(session_cache, monkeypatch):
+    """No test writes into the user's cache; tests of one session share generated data."""
+    monkeypatch.setenv("PLANKTON_CACHE", str(session_cache))
+
+
+@pytest.fixture
+def tiny_spec() -> SyntheticPlankton:
+    return SyntheticPlankton(classes=4, per_class=24, imbalance=4.0, size=32, seed=3)
+
+
+def shared_dataset(name: str) -> Path:
+    """A real dataset beside the repository, or skip: users and fresh clones do not have it."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"real plankton images not available ({name})")
+    return path

@@ -1,0 +1,91 @@
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datamodules.cache import cache_key, load_or_build
+from datamodules.preprocessing import Preprocessing, load_preprocessed
+from datamodules.sources import scan
+
+
+@pytest.fixture
+def folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for label in ("copepod", "diatom"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(5):
+            image = rng.integers(0, 255, (20 + i, 30), dtype=np.uint8)
+            Image.fromarray(image).save(tmp_path / "images" / label / f"{i}.png")
+    (tmp_path / "images" / "diatom" / "broken.png").write_bytes(b"")
+    return tmp_path / "images"
+
+
+def _build(folder, cache_dir, settings=None):
+    records = scan(folder).records
+    settings = settings or Preprocessing(image_size=16)
+    return records, load_or_build(records, settings, cache_dir, str(folder), progress=False)
+
+
+def test_cache_holds_the_preprocessed_images_and_lists_failures(folder, tmp_path):
+    records, cached = _build(folder, tmp_path / "cache")
+    settings = Preprocessing(image_size=16)
+    for i, record in enumerate(records):
+        if cached.readable[i]:
+            assert np.array_equal(cached.images[i], load_preprocessed(record.path, settings))
+    assert [s.path for s in cached.failed] == [str(folder / "diatom" / "broken.png")]
+    assert "empty" in cached.failed[0].reason
+
+
+def test_cache_is_reused(folder, tmp_path):
+    _, first = _build(folder, tmp_path / "cache")
+    stamp = first.path.stat().st_mtime_ns
+    _, second = _build(folder, tmp_path / "cache")
+    assert second.path == first.path and second.path.stat().st_mtime_ns == stamp
+
+
+def test_changed_file_or_setting_invalidates_the_cache(folder, tmp_path):
+    records, first = _build(folder, tmp_path / "cache")
+    _, resized = _build(folder, tmp_path / "cache", Preprocessing(image_size=8))
+    assert resized.path != first.path and resized.images.shape[-1] == 8
+    target = folder / "copepod" / "0.png"
+    Image.fromarray(np.full((20, 30), 200, np.uint8)).save(target)
+    os.utime(target, ns=(1, 1))
+    assert cache_key(records, Preprocessing(image_size=16)) != first.path.stem
+    _, rebuilt = _build(folder, tmp_path / "cache")
+    row = [r.path for r in records].index(target)
+    assert (rebuilt.images[row] == 200).all()
+    # Building a new cache for the same source removes the stale one.
+    assert not first.path.exists()
+
+
+def test_half_written_cache_is_never_read(folder, tmp_path):
+    records, cached = _build(folder, tmp_path / "cache")
+    index = cached.path.with_suffix(".json")
+    index.unlink()  # as if the process died between writing the array and its index
+    cached.path.write_bytes(cached.path.read_bytes()[:100])
+    _, rebuilt = _build(folder, tmp_path / "cache")
+    assert rebuilt.images.shape[0] == len(records)
+    assert index.exists()
+
+
+def test_crash_during_build_leaves_no_cache(folder, tmp_path, monkeypatch):
+    import datamodules.cache as cache_module
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache_module, "_fill", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _build(folder, tmp_path / "cache")
+    leftovers = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert leftovers == []
+
+
+def test_parallel_build_equals_serial_build(folder, tmp_path):
+    records = scan(folder).records
+    settings = Preprocessing(image_size=16)
+    serial = load_or_build(records, settings, tmp_path / "a", "x", num_workers=0, progress=False)
+    parallel = load_or_build(records, settings, tmp_path / "b", "x", num_workers=2, progress=False)
+    assert np.array_equal(np.asarray(serial.images), np.asarray(parallel.images))
+    assert [s.path for s in serial.failed] == [s.path for s in parallel.failed]
