@@ -40,8 +40,12 @@ class PlanktonCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The data decides the classes and the image format; every model receives them.
-        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+        parser.link_arguments(
+            "data.num_classes", "model.init_args.num_classes", apply_on="instantiate"
+        )
+        parser.link_arguments(
+            "data.class_names", "model.init_args.class_names", apply_on="instantiate"
+        )
         parser.link_arguments("data.channels", "model.init_args.in_chans", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
@@ -65,15 +69,25 @@ def data_command(argv: list[str]) -> int:
     defaults = SyntheticPlankton()
     synth.add_argument("--out", required=True, help="folder to create (must be new or empty)")
     synth.add_argument("--classes", type=int, default=defaults.classes)
-    synth.add_argument("--per-class", type=int, default=defaults.per_class,
-                       help="images of the most common class")
-    synth.add_argument("--imbalance", type=float, default=defaults.imbalance,
-                       help="most / least common class (1 = balanced)")
+    synth.add_argument(
+        "--per-class", type=int, default=defaults.per_class, help="images of the most common class"
+    )
+    synth.add_argument(
+        "--imbalance",
+        type=float,
+        default=defaults.imbalance,
+        help="most / least common class (1 = balanced)",
+    )
     synth.add_argument("--size", type=int, default=defaults.size, help="image side in pixels")
-    synth.add_argument("--domains", default=",".join(DOMAINS),
-                       help=f"comma-separated, among {','.join(DOMAINS)}")
-    synth.add_argument("--ood-fraction", type=float, default=defaults.ood_fraction,
-                       help="size of each shifted domain relative to the source")
+    synth.add_argument(
+        "--domains", default=",".join(DOMAINS), help=f"comma-separated, among {','.join(DOMAINS)}"
+    )
+    synth.add_argument(
+        "--ood-fraction",
+        type=float,
+        default=defaults.ood_fraction,
+        help="size of each shifted domain relative to the source",
+    )
     synth.add_argument("--seed", type=int, default=defaults.seed)
 
     inspect = commands.add_parser("inspect", help="scan a dataset as the DataModule would")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -104,7 +105,9 @@ def load_or_build(
     return cached
 
 
-def _load(array_path: Path, index_path: Path, count: int, settings: Preprocessing):
+def _load(
+    array_path: Path, index_path: Path, count: int, settings: Preprocessing
+) -> CachedImages | None:
     if not (index_path.exists() and array_path.exists()):
         return None
     try:
@@ -132,7 +135,13 @@ def _decode(path: Path, settings: Preprocessing) -> np.ndarray | str:
         return "file disappeared while building the cache"
 
 
-def _fill(images, records, settings, num_workers, progress) -> list[tuple[int, str]]:
+def _fill(
+    images: np.ndarray,
+    records: list[ImageRecord],
+    settings: Preprocessing,
+    num_workers: int,
+    progress: bool,
+) -> list[tuple[int, str]]:
     paths = [r.path for r in records]
     work = partial(_decode, settings=settings)
     failed = []
@@ -157,7 +166,7 @@ class _InProcess:
     def __exit__(self, *exc: object) -> None:
         return None
 
-    def map(self, fn, items, chunksize: int = 1):
+    def map(self, fn: Callable, items: Iterable, chunksize: int = 1) -> Iterator:
         return map(fn, items)
 
 

@@ -232,7 +232,9 @@ class PlanktonDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.summary  # noqa: B018
 
-    def _scan_sources(self) -> list[tuple[str, str | None, list[ImageRecord], list[Skipped], list[str]]]:
+    def _scan_sources(
+        self,
+    ) -> list[tuple[str, str | None, list[ImageRecord], list[Skipped], list[str]]]:
         """``(name, ood set or None, records, skipped, warnings)`` of the main source and each
         extra OOD source."""
         if self.source == "synthetic":
@@ -245,7 +247,9 @@ class PlanktonDataModule(L.LightningDataModule):
         sources.append((str(main_path.resolve()), None, main.records, main.skipped, main.warnings))
         for name, path in sorted(self.ood.items()):
             part = scan(path)
-            sources.append((str(Path(path).resolve()), name, part.records, part.skipped, part.warnings))
+            sources.append(
+                (str(Path(path).resolve()), name, part.records, part.skipped, part.warnings)
+            )
         if not main.records:
             raise ValueError(
                 f"no images found in {main_path}: expected class folders (root/<class>/*.png), "

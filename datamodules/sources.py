@@ -124,9 +124,11 @@ def scan_whoi(
     if not years:
         raise ValueError(f"{root}: no year folders (e.g. 2014/) found for the WHOI layout")
     test = [str(y) for y in test_years] if test_years is not None else years[-1:]
-    train = [str(y) for y in train_years] if train_years is not None else [
-        y for y in years if y not in test
-    ]
+    train = (
+        [str(y) for y in train_years]
+        if train_years is not None
+        else [y for y in years if y not in test]
+    )
     overlap = sorted(set(train) & set(test))
     if overlap:
         raise ValueError(f"years {overlap} are in both train_years and test_years")
@@ -138,7 +140,9 @@ def scan_whoi(
         if year not in train and year not in test:
             count = sum(1 for p in (root / year).rglob("*") if p.is_file())
             result.skipped.append(
-                Skipped(str(root / year), f"year in neither train_years nor test_years ({count} files)")
+                Skipped(
+                    str(root / year), f"year in neither train_years nor test_years ({count} files)"
+                )
             )
             continue
         part = scan_class_folders(root / year, f"{year}/", TRAINVAL if year in train else "test")
@@ -161,7 +165,9 @@ def scan_table(table: Path, delimiter: str, path_column: str, label_column: str)
                 "'path,label' (optional 'split', 'domain'); an EcoTaxa export needs "
                 "'img_file_name' and 'object_annotation_category'"
             )
-        metadata_columns = [c for c in columns if c not in (path_column, label_column, "split", "domain")]
+        metadata_columns = [
+            c for c in columns if c not in (path_column, label_column, "split", "domain")
+        ]
         for line, row in enumerate(reader, start=2):
             if _is_ecotaxa_type_row(row):
                 continue

@@ -71,7 +71,11 @@ def assign_splits(
 
 
 def balanced_subset(
-    train_indices: Sequence[int], keys: Sequence[str], labels: Sequence[str], per_class: int, seed: int
+    train_indices: Sequence[int],
+    keys: Sequence[str],
+    labels: Sequence[str],
+    per_class: int,
+    seed: int,
 ) -> list[int]:
     """At most ``per_class`` training images per class, the same ones on every run."""
     by_class: dict[str, list[int]] = defaultdict(list)

@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -160,7 +160,9 @@ class _Canvas:
         ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
         self.points = np.stack([xs.ravel(), ys.ravel()], axis=1)
 
-    def ellipse(self, center: np.ndarray, a: float, b: float, angle: float):
+    def ellipse(
+        self, center: np.ndarray, a: float, b: float, angle: float
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Normalised radius and the coordinate along the major axis, for every pixel."""
         d = self.points - center
         cos, sin = np.cos(angle), np.sin(angle)
@@ -174,7 +176,9 @@ class _Canvas:
             return np.zeros(len(self.points), np.float32)
         ab = ends - starts
         ap = self.points[None, :, :] - starts[:, None, :]
-        t = np.clip((ap * ab[:, None, :]).sum(-1) / np.maximum((ab**2).sum(-1), 1e-6)[:, None], 0, 1)
+        t = np.clip(
+            (ap * ab[:, None, :]).sum(-1) / np.maximum((ab**2).sum(-1), 1e-6)[:, None], 0, 1
+        )
         dist2 = ((ap - t[..., None] * ab[:, None, :]) ** 2).sum(-1).min(0)
         return np.exp(-dist2 / width**2)
 
@@ -241,7 +245,15 @@ def _rotation(angle: float) -> np.ndarray:
     return np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]], np.float32)
 
 
-def _spines(morph, cells, a, b, angle, rng, look):
+def _spines(
+    morph: Morphotype,
+    cells: np.ndarray,
+    a: float,
+    b: float,
+    angle: float,
+    rng: np.random.Generator,
+    look: Appearance,
+) -> tuple[np.ndarray, np.ndarray]:
     if morph.spines == 0:
         return np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32)
     starts, ends = [], []
@@ -256,7 +268,15 @@ def _spines(morph, cells, a, b, angle, rng, look):
     return np.concatenate(starts).astype(np.float32), np.concatenate(ends).astype(np.float32)
 
 
-def _appendage(morph, cells, a, normal, axis, size, rng):
+def _appendage(
+    morph: Morphotype,
+    cells: np.ndarray,
+    a: float,
+    normal: np.ndarray,
+    axis: np.ndarray,
+    size: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
     if morph.appendage == "none":
         return np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32)
     if morph.appendage == "tail":
@@ -316,7 +336,7 @@ class SyntheticPlankton:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def generate_images(spec: SyntheticPlankton):
+def generate_images(spec: SyntheticPlankton) -> Iterator[tuple[str, str, int, np.ndarray]]:
     """Yield ``(domain, class_name, index, image)`` for every image of the dataset."""
     canvas = _Canvas(spec.size)
     classes = morphotypes(spec.classes)

@@ -1,4 +1,4 @@
-"""``SupervisedModule``: a timm ResNet trained from scratch on the labels (the supervised baseline)."""
+"""``SupervisedModule``: the supervised baseline, a timm ResNet trained from scratch."""
 
 from __future__ import annotations
 
@@ -116,7 +116,9 @@ class SupervisedModule(L.LightningModule):
             weight_decay=self.hparams.weight_decay,
         )
         total = max(1, self.trainer.estimated_stepping_batches)
-        warmup = min(total - 1, self.hparams.warmup_epochs * total // max(1, self.trainer.max_epochs))
+        warmup = min(
+            total - 1, self.hparams.warmup_epochs * total // max(1, self.trainer.max_epochs)
+        )
 
         def schedule(step: int) -> float:
             if step < warmup:
@@ -124,4 +126,7 @@ class SupervisedModule(L.LightningModule):
             return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

@@ -5,26 +5,48 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPOSITORY
 
 from cli import PlanktonCLI, datamodule_from_config, main
-from conftest import REPOSITORY
 from datamodules.synthetic import SyntheticPlankton, class_frequencies
 
 TINY_DATA = [
-    "--data.synthetic.classes", "4",
-    "--data.synthetic.per_class", "16",
-    "--data.synthetic.size", "32",
-    "--data.image_size", "16",
-    "--data.batch_size", "8",
-    "--data.progress", "false",
+    "--data.synthetic.classes",
+    "4",
+    "--data.synthetic.per_class",
+    "16",
+    "--data.synthetic.size",
+    "32",
+    "--data.image_size",
+    "16",
+    "--data.batch_size",
+    "8",
+    "--data.progress",
+    "false",
 ]
 MODEL_CONFIGS = sorted((REPOSITORY / "configs").glob("*.yaml"))
 
 
 def test_data_synth_writes_a_dataset(tmp_path, capsys):
     out = tmp_path / "synth"
-    code = main(["data", "synth", "--out", str(out), "--classes", "3", "--per-class", "5",
-                 "--size", "24", "--domains", "source,temporal", "--seed", "1"])
+    code = main(
+        [
+            "data",
+            "synth",
+            "--out",
+            str(out),
+            "--classes",
+            "3",
+            "--per-class",
+            "5",
+            "--size",
+            "24",
+            "--domains",
+            "source,temporal",
+            "--seed",
+            "1",
+        ]
+    )
     assert code == 0
     lines = (out / "manifest.csv").read_text().splitlines()
     assert lines[0] == "path,label,split,domain"
@@ -35,8 +57,22 @@ def test_data_synth_writes_a_dataset(tmp_path, capsys):
 
 
 def test_data_inspect_json_lists_counts_and_skipped(tmp_path, capsys):
-    main(["data", "synth", "--out", str(tmp_path / "d"), "--classes", "3", "--per-class", "10",
-          "--size", "24", "--domains", "source"])
+    main(
+        [
+            "data",
+            "synth",
+            "--out",
+            str(tmp_path / "d"),
+            "--classes",
+            "3",
+            "--per-class",
+            "10",
+            "--size",
+            "24",
+            "--domains",
+            "source",
+        ]
+    )
     broken = sorted(p for p in (tmp_path / "d").iterdir() if p.is_dir())[0]
     (broken / "corrupt.png").write_bytes(b"\x89PNG garbage")
     capsys.readouterr()
@@ -59,8 +95,20 @@ def test_data_inspect_reads_model_and_data_configs(capsys):
 
 
 def test_data_inspect_prints_a_table(tmp_path, capsys):
-    main(["data", "synth", "--out", str(tmp_path / "d"), "--classes", "2", "--per-class", "6",
-          "--size", "24"])
+    main(
+        [
+            "data",
+            "synth",
+            "--out",
+            str(tmp_path / "d"),
+            "--classes",
+            "2",
+            "--per-class",
+            "6",
+            "--size",
+            "24",
+        ]
+    )
     capsys.readouterr()
     main(["data", "inspect", "--root", str(tmp_path / "d" / "manifest.csv")])
     out = capsys.readouterr().out
@@ -71,7 +119,10 @@ def test_data_inspect_prints_a_table(tmp_path, capsys):
 def test_every_model_config_parses_without_arguments(config):
     result = subprocess.run(
         [sys.executable, "cli.py", "fit", "--config", str(config), "--print_config"],
-        cwd=REPOSITORY, capture_output=True, text=True, timeout=120,
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "class_path: lightning_modules." in result.stdout
@@ -79,8 +130,13 @@ def test_every_model_config_parses_without_arguments(config):
 
 def test_fit_test_predict_through_the_cli(tmp_path):
     root = tmp_path / "run"
-    common = ["--config", str(REPOSITORY / "configs/supervised.yaml"), *TINY_DATA,
-              "--trainer.default_root_dir", str(root)]
+    common = [
+        "--config",
+        str(REPOSITORY / "configs/supervised.yaml"),
+        *TINY_DATA,
+        "--trainer.default_root_dir",
+        str(root),
+    ]
     main(["fit", *common, "--trainer.max_epochs", "1", "--trainer.precision", "32-true"])
     checkpoint = root / "supervised" / "version_0" / "checkpoints" / "last.ckpt"
     assert checkpoint.exists()

@@ -5,9 +5,9 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from conftest import shared_dataset
 from PIL import Image
 
-from conftest import shared_dataset
 from datamodules import PlanktonDataModule
 from datamodules.views import diffusion_view, dino_view, eval_view, simclr_view, supervised_view
 
@@ -41,9 +41,10 @@ def test_class_folders_give_classes_counts_and_batches(class_folders, tmp_path):
     assert dm.class_names == ["copepod", "diatom", "rare"]
     assert dm.num_classes == 3
     counts = dm.summary.counts
-    assert sum(counts["train"].values()) + sum(counts["val"].values()) + sum(
-        counts["test"].values()
-    ) == 63
+    assert (
+        sum(counts["train"].values()) + sum(counts["val"].values()) + sum(counts["test"].values())
+        == 63
+    )
     assert counts["test"]["copepod"] == 8 and counts["val"]["copepod"] == 4
     dm.setup("fit")
     images, labels, index = next(iter(dm.train_dataloader()))
@@ -62,7 +63,10 @@ def test_splits_are_disjoint_and_reproducible(class_folders, tmp_path):
             split: {int(r) for r in dm.dataset(split).rows} for split in ("train", "val", "test")
         }
 
-    first, again = members(_module(class_folders, tmp_path)), members(_module(class_folders, tmp_path))
+    first, again = (
+        members(_module(class_folders, tmp_path)),
+        members(_module(class_folders, tmp_path)),
+    )
     assert first == again
     assert not (first["train"] & first["val"]) and not (first["train"] & first["test"])
     assert not (first["val"] & first["test"])
@@ -145,7 +149,9 @@ def test_ecotaxa_export(tmp_path):
     _write_images(tmp_path / "imgs", "b", 6)
     rows = ["img_file_name\tobject_annotation_category\tobject_id", "[t]\t[t]\t[t]"]
     for file in sorted((tmp_path / "imgs").rglob("*.png")):
-        rows.append(f"{file.relative_to(tmp_path).as_posix()}\tCalanoida<Copepoda{file.parent.name}\t1")
+        rows.append(
+            f"{file.relative_to(tmp_path).as_posix()}\tCalanoida<Copepoda{file.parent.name}\t1"
+        )
     (tmp_path / "export.tsv").write_text("\n".join(rows) + "\n")
     dm = _module(tmp_path / "export.tsv", tmp_path)
     assert dm.class_names == ["Calanoida<Copepodaa", "Calanoida<Copepodab"]
@@ -267,7 +273,9 @@ def test_real_uvp6_images(tmp_path):
         source=str(root), image_size=32, polarity="auto", cache_dir=str(tmp_path), progress=False
     )
     assert dm.num_classes == 10 and "detritus" in dm.class_names
-    assert sum(sum(c.values()) for c in dm.summary.counts.values()) == 1150  # 9 classes of 100, 250 detritus
+    assert (
+        sum(sum(c.values()) for c in dm.summary.counts.values()) == 1150
+    )  # 9 classes of 100, 250 detritus
     image = dm.dataset("test")[0][0]
     border = torch.cat([image[0, 0], image[0, -1], image[0, :, 0], image[0, :, -1]])
     assert border.median() < 0  # bright objects on a dark background
@@ -286,7 +294,10 @@ def test_real_isiis_images_are_inverted_by_auto_polarity(tmp_path):
                 writer.writerow([str(file), folder.name])
     for polarity, dark_background in (("keep", False), ("auto", True)):
         dm = PlanktonDataModule(
-            source=str(manifest), image_size=32, polarity=polarity, cache_dir=str(tmp_path),
+            source=str(manifest),
+            image_size=32,
+            polarity=polarity,
+            cache_dir=str(tmp_path),
             progress=False,
         )
         image = dm.dataset("train")[0][0]

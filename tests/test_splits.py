@@ -53,7 +53,8 @@ def test_adding_images_moves_few_old_ones():
 def test_small_classes_have_a_documented_split():
     keys, labels = _dataset({"one": 1, "two": 2, "three": 3})
     splits = assign_splits(keys, labels, [None] * 6, 0.1, 0.2, 0)
-    by_class = {c: sorted(s for s, l in zip(splits, labels, strict=True) if l == c) for c in labels}
+    pairs = list(zip(splits, labels, strict=True))
+    by_class = {c: sorted(s for s, label in pairs if label == c) for c in labels}
     assert by_class["one"] == ["train"]
     assert by_class["two"] == ["test", "train"]
     assert by_class["three"] == ["test", "train", "val"]

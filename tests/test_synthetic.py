@@ -59,7 +59,10 @@ def test_domains_shift_appearance_and_priors(tiny_spec):
     # The geographic instrument images dark objects on a light background.
     assert APPEARANCES["geographic"].dark_on_light
     assert np.median(source[:, 0, :]) < 60 < 180 < np.median(geographic[:, 0, :])
-    labels = {d: [c for dd, c, _, _ in generate_images(tiny_spec) if dd == d] for d in ("source", "temporal")}
+    labels = {
+        d: [c for dd, c, _, _ in generate_images(tiny_spec) if dd == d]
+        for d in ("source", "temporal")
+    }
     most_common = {d: max(set(v), key=v.count) for d, v in labels.items()}
     assert most_common["source"] != most_common["temporal"]
 
@@ -86,7 +89,11 @@ def test_ensure_dataset_generates_once(tmp_path, tiny_spec):
 
 @pytest.mark.parametrize(
     "settings, option",
-    [({"domains": ["temporal"]}, "domains"), ({"size": 8}, "size"), ({"per_class": 0}, "per_class")],
+    [
+        ({"domains": ["temporal"]}, "domains"),
+        ({"size": 8}, "size"),
+        ({"per_class": 0}, "per_class"),
+    ],
 )
 def test_bad_settings_name_the_option(settings, option):
     with pytest.raises(ValueError, match=option):
