@@ -82,8 +82,9 @@ class SupervisedModule(L.LightningModule):
         self.val_metrics.update(logits, labels)
 
     def on_validation_epoch_end(self) -> None:
+        # compute() already syncs across processes; sync_dist only averages equal values.
         results = loggable(self.val_metrics.compute(), "val", self.class_names)
-        self.log_dict(results, sync_dist=False)
+        self.log_dict(results, sync_dist=True)
         self.val_metrics.reset()
 
     def on_test_start(self) -> None:
@@ -98,7 +99,7 @@ class SupervisedModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         for name, metrics in zip(self._eval_set_names(), self.test_metrics, strict=True):
-            self.log_dict(loggable(metrics.compute(), name, self.class_names))
+            self.log_dict(loggable(metrics.compute(), name, self.class_names), sync_dist=True)
             metrics.reset()
 
     def predict_step(self, batch: tuple, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
