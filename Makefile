@@ -19,11 +19,13 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PYTHON) -m pytest -q
 
+# The synthetic default end to end with the supervised baseline (the full protocol comes with
+# `plankton experiment`).
 demo: $(STAMP)
 	$(VENV)/bin/plankton data inspect --config configs/data/synthetic.yaml
 	$(VENV)/bin/plankton fit --config configs/supervised.yaml --trainer.default_root_dir runs/demo
 	$(VENV)/bin/plankton test --config configs/supervised.yaml --trainer.default_root_dir runs/demo \
-		--ckpt_path best
+		--ckpt_path "$$(ls -td runs/demo/supervised/version_*/ | head -1)checkpoints/last.ckpt"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -70,6 +70,8 @@ def read_image(path: str | Path, channels: int) -> np.ndarray:
             array = _to_uint8(image)
     except ImageReadError:
         raise
+    except FileNotFoundError:
+        raise ImageReadError("file not found") from None
     except UnidentifiedImageError:
         raise ImageReadError("not an image PIL can read") from None
     except (OSError, ValueError, SyntaxError) as error:
@@ -89,11 +91,11 @@ def _to_uint8(image: Image.Image) -> np.ndarray:
     if mode == "1":
         return np.asarray(image.convert("L"))
     if mode.startswith("I"):
-        # 16-bit sensors: map the full 0-65535 range, never stretch per image (that would erase
-        # the brightness differences between images that classes can carry).
+        # Integer modes hold 16-bit sensor data (PIL opens some 16-bit files as 32-bit "I"):
+        # map the full 0-65535 range, never stretch per image, which would erase brightness
+        # differences between images that classes can carry.
         values = np.asarray(image).astype(np.float64)
-        scale = 257.0 if (mode.startswith("I;16") or values.max(initial=0) > 255) else 1.0
-        return np.clip(values / scale, 0, 255).round().astype(np.uint8)
+        return np.clip(values / 257.0, 0, 255).round().astype(np.uint8)
     if mode == "F":
         values = np.asarray(image).astype(np.float64)
         if values.max(initial=0) <= 1.0:

@@ -12,6 +12,7 @@ A scan never decodes images (that is the cache's job), but it lists every file i
 from __future__ import annotations
 
 import csv
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +62,7 @@ def detect_format(path: Path) -> SourceFormat:
     if path.is_file():
         if path.suffix.lower() == ".csv":
             return "manifest"
-        if path.suffix.lower() in (".tsv", ".txt"):
+        if path.suffix.lower() == ".tsv":
             return "ecotaxa"
         raise ValueError(
             f"{path}: a data file must be a CSV manifest (.csv) or an EcoTaxa export (.tsv)"
@@ -97,13 +98,19 @@ def scan(
 def scan_class_folders(root: Path, key_prefix: str = "", split: str | None = None) -> Scan:
     """``root/<class>/...``: every image below a class folder has that class's label.
 
-    Files directly in ``root`` are not part of the layout (READMEs, manifests) and are ignored.
+    Files directly in ``root`` are not part of the layout (READMEs, manifests) and are ignored,
+    as are hidden files and folders (names starting with ``.``: ``.DS_Store``, ``._x.png``,
+    ``.ipynb_checkpoints``), which operating systems and tools create.
     """
     result = Scan(records=[])
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         if class_dir.name.startswith("."):
             continue
-        files = sorted(p for p in class_dir.rglob("*") if p.is_file())
+        files = sorted(
+            p
+            for p in class_dir.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        )
         if not files:
             result.warnings.append(f"empty class folder ignored: {class_dir}")
             continue
@@ -119,16 +126,23 @@ def scan_class_folders(root: Path, key_prefix: str = "", split: str | None = Non
 def scan_whoi(
     root: Path, train_years: list[str] | None = None, test_years: list[str] | None = None
 ) -> Scan:
-    """``root/<year>/<class>/*.png``; by default the last year is the test set (temporal split)."""
+    """``root/<year>/<class>/*.png`` (temporal split): ``train_years`` are split into train and
+    val, ``test_years`` form the test set. Defaults: the last year is the test set and the others
+    are training years; given only one of the lists, the other is every remaining year."""
     years = sorted(p.name for p in root.iterdir() if p.is_dir() and _YEAR.match(p.name))
     if not years:
         raise ValueError(f"{root}: no year folders (e.g. 2014/) found for the WHOI layout")
-    test = [str(y) for y in test_years] if test_years is not None else years[-1:]
-    train = (
-        [str(y) for y in train_years]
-        if train_years is not None
-        else [y for y in years if y not in test]
-    )
+    train = None if train_years is None else [str(y) for y in train_years]
+    test = None if test_years is None else [str(y) for y in test_years]
+    if test is None:
+        test = [y for y in years if y not in train] if train is not None else years[-1:]
+    if train is None:
+        train = [y for y in years if y not in test]
+    if not train:
+        raise ValueError(
+            f"{root}: no training years (found {years}, test_years={test}); the WHOI layout "
+            "needs at least one year for training: set train_years and test_years"
+        )
     overlap = sorted(set(train) & set(test))
     if overlap:
         raise ValueError(f"years {overlap} are in both train_years and test_years")
@@ -178,6 +192,11 @@ def scan_table(table: Path, delimiter: str, path_column: str, label_column: str)
                 result.skipped.append(Skipped(where, f"empty {path_column}"))
                 continue
             file = Path(raw_path) if Path(raw_path).is_absolute() else table.parent / raw_path
+            # The split hash reads the key: the same file must give the same key however it is
+            # written (``./a.png``, ``a.png``) and wherever the dataset folder is moved.
+            key = Path(os.path.normpath(raw_path)).as_posix()
+            if Path(raw_path).is_absolute() and file.is_relative_to(table.parent):
+                key = file.relative_to(table.parent).as_posix()
             if not label:
                 result.skipped.append(Skipped(str(file), f"no label ({where})"))
                 continue
@@ -188,7 +207,7 @@ def scan_table(table: Path, delimiter: str, path_column: str, label_column: str)
             result.records.append(
                 ImageRecord(
                     path=file,
-                    key=raw_path,
+                    key=key,
                     label=label,
                     split=split,
                     domain=(row.get("domain") or "").strip() or None,

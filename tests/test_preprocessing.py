@@ -77,12 +77,6 @@ def test_read_16bit_dark_image_is_not_stretched(tmp_path):
     assert set(np.unique(out).tolist()) == {5, 10}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="preprocessing._to_uint8: a 16-bit file PIL opens in mode 'I' (e.g. PGM with "
-    "maxval 65535) is divided by 257 only if its max exceeds 255, so a dark 16-bit image is "
-    "read 257x too bright (and differently from the same pixels in a 16-bit PNG)",
-)
 def test_read_16bit_pgm_matches_16bit_png(tmp_path):
     array = np.full((8, 8), 200, np.uint16)
     array[0, 0] = 0
@@ -410,3 +404,8 @@ def test_preprocessing_is_deterministic(tmp_path):
     first = load_preprocessed(path, settings)
     second = load_preprocessed(path, Preprocessing(**settings.as_dict()))
     assert first.tobytes() == second.tobytes()
+
+
+def test_missing_file_says_so(tmp_path):
+    with pytest.raises(ImageReadError, match="file not found"):
+        read_image(tmp_path / "gone.png", 1)

@@ -36,6 +36,9 @@ def class_root(tmp_path) -> Path:
     image(root / "diatom" / "x.PNG")
     (root / "empty_class").mkdir()
     image(root / ".hidden" / "h.png")
+    image(root / "copepod" / "._a.png")  # macOS resource fork
+    (root / "copepod" / ".DS_Store").write_bytes(b"\0\0")
+    image(root / "copepod" / ".ipynb_checkpoints" / "a-checkpoint.png")
     image(root / "stray.png")  # at the root: not part of the layout
     (root / "README.md").write_text("# dataset")
     return root
@@ -85,6 +88,7 @@ def test_class_folders_ignore_root_files_and_hidden_folders(class_root):
     assert "stray.png" not in names
     assert "README.md" not in names
     assert "h.png" not in names
+    assert not {"._a.png", ".DS_Store", "a-checkpoint.png"} & names
     assert ".hidden" not in {r.label for r in result.records}
 
 
@@ -123,7 +127,6 @@ def test_detect_format_files(tmp_path):
         ("manifest.csv", "manifest"),
         ("MANIFEST.CSV", "manifest"),
         ("export.tsv", "ecotaxa"),
-        ("export.txt", "ecotaxa"),
     ]:
         path = tmp_path / name
         path.write_text("x\n")
@@ -144,7 +147,7 @@ def test_detect_format_class_folders(tmp_path):
     assert detect_format(tmp_path) == "folder"
 
 
-@pytest.mark.parametrize("name", ["labels.json", "images.zip", "photo.png"])
+@pytest.mark.parametrize("name", ["labels.json", "images.zip", "photo.png", "notes.txt"])
 def test_detect_format_rejects_other_files(tmp_path, name):
     path = tmp_path / name
     path.write_bytes(b"{}")
@@ -241,6 +244,18 @@ def test_whoi_test_years_only_trains_on_the_rest(whoi_root):
     assert splits == {"2013": TRAINVAL, "2014": "test", "2015": TRAINVAL}
 
 
+def test_whoi_train_years_only_tests_on_the_rest(whoi_root):
+    result = scan(whoi_root, train_years=["2013", "2014"])
+    splits = {r.key.split("/")[0]: r.split for r in result.records}
+    assert splits == {"2013": TRAINVAL, "2014": TRAINVAL, "2015": "test"}
+
+
+def test_whoi_needs_a_training_year(tmp_path):
+    image(tmp_path / "2014" / "copepod" / "a.png")
+    with pytest.raises(ValueError, match="no training years"):
+        scan(tmp_path)
+
+
 def test_whoi_overlapping_years(whoi_root):
     with pytest.raises(ValueError, match="2014"):
         scan(whoi_root, train_years=["2013", "2014"], test_years=["2014"])
@@ -304,6 +319,16 @@ def test_manifest_records(manifest, tmp_path):
     assert (c.split, c.domain) == (None, "insitu")
     assert a.metadata == {"depth_m": "10", "station": "S1"}
     assert c.metadata == {"depth_m": "", "station": "S3"}
+
+
+def test_manifest_keys_ignore_how_a_path_is_written(tmp_path):
+    image(tmp_path / "data" / "imgs" / "a.png")
+    image(tmp_path / "data" / "imgs" / "b.png")
+    image(tmp_path / "data" / "imgs" / "c.png")
+    absolute = tmp_path / "data" / "imgs" / "c.png"
+    manifest = tmp_path / "data" / "manifest.csv"
+    manifest.write_text(f"path,label\n./imgs/a.png,x\nimgs//b.png,x\n{absolute},x\n")
+    assert [r.key for r in scan(manifest).records] == ["imgs/a.png", "imgs/b.png", "imgs/c.png"]
 
 
 def test_manifest_skipped_rows_name_the_line(manifest):
