@@ -20,8 +20,14 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules import PlanktonDataModule, SyntheticPlankton
 from datamodules.synthetic import DOMAINS, write_dataset
+from lightning_modules.callbacks import save_grid
+from lightning_modules.diffusion import DiffusionModule, load_diffusion
 
-SUITE_COMMANDS = {"data": "synthesise or inspect a dataset"}
+SUITE_COMMANDS = {
+    "data": "synthesise or inspect a dataset",
+    "diffusion": "sample images from a diffusion checkpoint",
+    "features": "list the U-Net blocks features can be read from",
+}
 
 
 class PlanktonCLI(LightningCLI):
@@ -47,6 +53,9 @@ class PlanktonCLI(LightningCLI):
             "data.class_names", "model.init_args.class_names", apply_on="instantiate"
         )
         parser.link_arguments("data.channels", "model.init_args.in_chans", apply_on="instantiate")
+        parser.link_arguments(
+            "data.image_size", "model.init_args.image_size", apply_on="instantiate"
+        )
 
     def before_instantiate_classes(self) -> None:
         """Name the default TensorBoard run after the model, under ``default_root_dir``."""
@@ -124,6 +133,59 @@ def data_command(argv: list[str]) -> int:
     return 0
 
 
+def diffusion_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="plankton diffusion", description=SUITE_COMMANDS["diffusion"]
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    sample = commands.add_parser("sample", help="write a grid of samples from the EMA weights")
+    sample.add_argument("--checkpoint", required=True, help="a DiffusionModule checkpoint")
+    sample.add_argument("--n", type=int, default=64, help="number of images")
+    sample.add_argument("--out", required=True, help="PNG file to write")
+    sample.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    sample.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    sample.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    module = load_diffusion(args.checkpoint)
+    images = module.sample(args.n, args.sampler, args.steps, args.seed)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save_grid(images, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def features_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="plankton features", description=SUITE_COMMANDS["features"]
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    layers = commands.add_parser("layers", help="every U-Net block: name, resolution, channels")
+    layers.add_argument("--checkpoint", help="a DiffusionModule checkpoint")
+    layers.add_argument("--config", help="a diffusion model config (checked against --checkpoint)")
+    args = parser.parse_args(argv)
+    if not (args.checkpoint or args.config):
+        parser.error("give --checkpoint, --config or both")
+    expected = model_settings_from_config(args.config) if args.config else None
+    if args.checkpoint:
+        unet = load_diffusion(args.checkpoint, expected).ema
+    else:
+        unet = DiffusionModule(**expected).unet
+    print(f"{'block':<10} {'resolution':>10} {'channels':>9}")
+    for info in unet.info.values():
+        print(f"{info.name:<10} {info.resolution:>10} {info.channels:>9}")
+    return 0
+
+
+def model_settings_from_config(path: str | Path) -> dict:
+    """The ``model.init_args`` of a model config, with the linked data settings filled in."""
+    content = yaml.safe_load(Path(path).read_text()) or {}
+    settings = dict((content.get("model") or {}).get("init_args") or {})
+    data = datamodule_from_config(path, progress=False)
+    settings.setdefault("in_chans", data.channels)
+    settings.setdefault("image_size", data.image_size)
+    return settings
+
+
 def datamodule_from_config(path: str | Path, **overrides: object) -> PlanktonDataModule:
     """A PlanktonDataModule from a data config or from the ``data`` section of a model config."""
     path = Path(path)
@@ -171,9 +233,10 @@ def format_summary(summary: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     from_console = argv is None
     argv = sys.argv[1:] if from_console else list(argv)
-    if argv and argv[0] == "data":
+    commands = {"data": data_command, "diffusion": diffusion_command, "features": features_command}
+    if argv and argv[0] in commands:
         try:
-            return data_command(argv[1:])
+            return commands[argv[0]](argv[1:])
         except (FileNotFoundError, FileExistsError, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -159,10 +159,12 @@ class PlanktonDataModule(L.LightningDataModule):
         clashes = sorted(set(ood or {}) & set(FIXED_SPLITS))
         if clashes:
             raise ValueError(f"ood set names {clashes} clash with train/val/test: rename them")
-        self.save_hyperparameters()
+        self.synthetic = synthetic or SyntheticPlankton()
+        # Plain values only, so checkpoints load with ``weights_only=True``.
+        self.save_hyperparameters(ignore=["synthetic"])
+        self.hparams["synthetic"] = asdict(self.synthetic)
         self.source = source
         self.format = format
-        self.synthetic = synthetic or SyntheticPlankton()
         self.train_years, self.test_years = train_years, test_years
         self.ood = dict(ood or {})
         self.class_map = dict(class_map or {})

@@ -394,9 +394,9 @@ def ensure_dataset(spec: SyntheticPlankton, cache_dir: str | Path, progress: boo
     if not manifest.exists():
         try:
             write_dataset(spec, folder, progress=progress)
-        except FileExistsError:
-            # Another process finished the same dataset first; a folder without its manifest
-            # cannot come from write_dataset, which renames only complete folders.
+        except OSError:
+            # Another process (a DDP rank) renamed the same dataset into place first; the folder
+            # is complete whenever the manifest exists, since only complete folders are renamed.
             if not manifest.exists():
                 raise
     return manifest

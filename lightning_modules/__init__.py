@@ -1,5 +1,16 @@
-"""The suite's LightningModules, one file each."""
+"""The suite's LightningModules, one file each, and what they are built from."""
 
+from .diffusion import DiffusionModule, load_diffusion
+from .features import DiffusionFeatures
+from .noise_schedule import NoiseSchedule
 from .supervised import SupervisedModule
+from .unet import UNet
 
-__all__ = ["SupervisedModule"]
+__all__ = [
+    "DiffusionFeatures",
+    "DiffusionModule",
+    "NoiseSchedule",
+    "SupervisedModule",
+    "UNet",
+    "load_diffusion",
+]

@@ -1,0 +1,203 @@
+"""Frozen diffusion features: pooled U-Net activations at (layer, timestep) keys.
+
+One U-Net forward per timestep yields every requested layer (forward hooks on the named blocks),
+and the forward stops after the deepest block asked for, so probing encoder layers does not pay
+for the decoder. The noise of every image comes from ``per_image_noise``: the same image gives
+bit-identical features whatever batch it lands in.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .diffusion import load_diffusion
+from .noise_schedule import NoiseSchedule
+from .per_image_noise import per_image_noise
+from .unet import UNet
+
+Pooling = Literal["avg", "avg_std", "adaptive"]
+FeatureKey = tuple[str, int]
+
+
+class _StopForward(Exception):
+    """Raised by the hook of the deepest requested block: nothing after it is needed."""
+
+
+def resolve_layers(unet: UNet, layers: Sequence[str | int]) -> list[str]:
+    """Block names from names, glob patterns (``dec.*``) or resolutions (``16``), in forward
+    order. Raises ``ValueError`` listing the valid names when something matches nothing."""
+    names = unet.block_names
+    chosen: list[str] = []
+    for item in layers:
+        text = str(item)
+        if text.isdigit():
+            matches = [n for n in names if unet.info[n].resolution == int(text)]
+        else:
+            matches = fnmatch.filter(names, text)
+        if not matches:
+            resolutions = sorted({info.resolution for info in unet.info.values()})
+            raise ValueError(
+                f"layer {item!r} matches no U-Net block. Valid names: {', '.join(names)}; "
+                f"patterns such as 'dec.*'; or a resolution among {resolutions}"
+            )
+        chosen += [m for m in matches if m not in chosen]
+    return sorted(chosen, key=names.index)
+
+
+def pool(h: torch.Tensor, pooling: Pooling, pool_size: int = 2) -> torch.Tensor:
+    """``(B, C, H, W)`` feature maps to ``(B, features)``."""
+    if pooling == "avg":
+        return h.mean(dim=(2, 3))
+    if pooling == "avg_std":
+        return torch.cat([h.mean(dim=(2, 3)), h.std(dim=(2, 3), correction=0)], dim=1)
+    if pooling == "adaptive":
+        return F.adaptive_avg_pool2d(h, pool_size).flatten(1)
+    raise ValueError(f"pooling must be 'avg', 'avg_std' or 'adaptive', got {pooling!r}")
+
+
+def capture(
+    unet: UNet, x: torch.Tensor, timesteps: torch.Tensor, layers: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """Outputs of the named blocks, running the U-Net only up to the deepest of them."""
+    outputs: dict[str, torch.Tensor] = {}
+    deepest = max(layers, key=unet.block_names.index)
+
+    def hook(name: str):  # noqa: ANN202 - a forward-hook factory
+        def store(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+            outputs[name] = output
+            if name == deepest:
+                raise _StopForward
+
+        return store
+
+    handles = [unet.block(name).register_forward_hook(hook(name)) for name in layers]
+    try:
+        unet(x, timesteps)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
+class DiffusionFeatures(nn.Module):
+    """A feature source over a frozen U-Net: ``forward(images, indices)`` returns
+    ``{(layer, timestep): (batch, features)}``.
+
+    Args:
+        unet: the denoiser (EMA weights in practice); frozen and kept in eval mode.
+        schedule: its noise schedule.
+        layers: block names, patterns (``dec.*``) or resolutions (``16``).
+        timesteps: noise levels, each in [0, T).
+        pooling: ``avg`` (global average), ``avg_std`` (average and standard deviation) or
+            ``adaptive`` (``pool_size`` x ``pool_size`` average, flattened).
+        pool_size: side of the adaptive pooling grid.
+        noise_draws: average the features over this many noise samples.
+        seed: seed of the per-image noise.
+        stack_timesteps: run all timesteps as one batch (faster on GPUs, more memory). Results
+            equal the unstacked ones up to float rounding, not bit for bit.
+        micro_batch: the U-Net always runs on exactly this many images (the last group padded
+            with copies): kernels pick their arithmetic by batch size, and a fixed size keeps an
+            image's features bit-identical whatever batch it arrives in.
+    """
+
+    def __init__(
+        self,
+        unet: UNet,
+        schedule: NoiseSchedule,
+        layers: Sequence[str | int] = ("dec.*",),
+        timesteps: Sequence[int] = (10,),
+        pooling: Pooling = "avg",
+        pool_size: int = 2,
+        noise_draws: int = 1,
+        seed: int = 0,
+        stack_timesteps: bool = False,
+        micro_batch: int = 16,
+    ) -> None:
+        super().__init__()
+        schedule.check(list(timesteps))
+        if noise_draws < 1:
+            raise ValueError(f"noise_draws must be at least 1, got {noise_draws}")
+        pool(torch.zeros(1, 1, 1, 1), pooling, pool_size)  # rejects an unknown pooling now
+        self.unet = unet.eval().requires_grad_(False)
+        self.schedule = schedule
+        self.layers = resolve_layers(unet, layers)
+        self.timesteps = [int(t) for t in timesteps]
+        self.pooling, self.pool_size = pooling, pool_size
+        self.noise_draws, self.seed = noise_draws, seed
+        self.stack_timesteps = stack_timesteps
+        self.micro_batch = micro_batch
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, weights: Literal["ema", "raw"] = "ema", **settings: object
+    ) -> DiffusionFeatures:
+        """A feature source from a DiffusionModule checkpoint (loaded with ``weights_only``)."""
+        module = load_diffusion(path)
+        unet = module.ema if weights == "ema" else module.unet
+        return cls(unet, module.schedule, **settings)
+
+    @property
+    def keys(self) -> list[FeatureKey]:
+        return [(layer, t) for t in self.timesteps for layer in self.layers]
+
+    def feature_dims(self) -> dict[FeatureKey, int]:
+        factor = {"avg": 1, "avg_std": 2, "adaptive": self.pool_size**2}[self.pooling]
+        return {(layer, t): self.unet.info[layer].channels * factor for layer, t in self.keys}
+
+    def train(self, mode: bool = True) -> DiffusionFeatures:
+        """The U-Net stays in eval mode (it has dropout) whatever the caller asks."""
+        super().train(mode)
+        self.unet.eval()
+        return self
+
+    @torch.no_grad()
+    def forward(
+        self, images: torch.Tensor, indices: torch.Tensor | Sequence[int]
+    ) -> dict[FeatureKey, torch.Tensor]:
+        indices = torch.as_tensor(indices)
+        parts = [
+            self._fixed_size_forward(
+                images[start : start + self.micro_batch], indices[start : start + self.micro_batch]
+            )
+            for start in range(0, len(images), self.micro_batch)
+        ]
+        return {key: torch.cat([part[key] for part in parts]) for key in self.keys}
+
+    def _fixed_size_forward(
+        self, images: torch.Tensor, indices: torch.Tensor
+    ) -> dict[FeatureKey, torch.Tensor]:
+        """Features of at most ``micro_batch`` images, computed on exactly that many."""
+        count = len(images)
+        padding = self.micro_batch - count
+        images = torch.cat([images, images[:1].expand(padding, *images.shape[1:])])
+        indices = torch.cat([indices, indices[:1].expand(padding)])
+        sums: dict[FeatureKey, torch.Tensor] = {}
+        for draw in range(self.noise_draws):
+            noised, steps = [], []
+            for t in self.timesteps:
+                noise = per_image_noise(indices, t, self.seed, images.shape[1:], draw).to(images)
+                t_batch = torch.full((len(images),), t, device=images.device, dtype=torch.long)
+                noised.append(self.schedule.q_sample(images, t_batch, noise))
+                steps.append(t_batch)
+            groups = (
+                [(torch.cat(noised), torch.cat(steps), self.timesteps)]
+                if self.stack_timesteps
+                else [(x, s, [t]) for x, s, t in zip(noised, steps, self.timesteps, strict=True)]
+            )
+            for x, s, group_timesteps in groups:
+                for layer, h in capture(self.unet, x, s, self.layers).items():
+                    pooled = pool(h.float(), self.pooling, self.pool_size)
+                    for chunk, t in zip(pooled.split(len(images)), group_timesteps, strict=True):
+                        key = (layer, t)
+                        chunk = chunk[:count]
+                        sums[key] = sums[key] + chunk if key in sums else chunk
+        return {key: sums[key] / self.noise_draws for key in self.keys}
