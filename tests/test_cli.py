@@ -150,3 +150,45 @@ def test_fit_test_predict_through_the_cli(tmp_path):
     for eval_set in ("test", "temporal", "geographic"):
         assert 0 <= metrics[f"{eval_set}/acc"] <= 1 and 0 <= metrics[f"{eval_set}/macro_f1"] <= 1
     main(["predict", *common, "--ckpt_path", str(checkpoint)])
+
+
+def test_diffusion_fit_sample_and_layers_through_the_cli(tmp_path, capsys):
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root = tmp_path / "run"
+    main(
+        ["fit", "--config", str(REPOSITORY / "configs/diffusion.yaml"), *TINY_DATA,
+         "--trainer.default_root_dir", str(root), "--trainer.max_epochs", "1",
+         "--model.init_args.base_channels", "8", "--model.init_args.channel_mult", "[1, 2]",
+         "--model.init_args.attention_resolutions", "[8]", "--model.init_args.num_heads", "2",
+         "--model.init_args.sample_every_n_epochs", "1", "--model.init_args.sample_count", "4",
+         "--model.init_args.sample_steps", "3"]
+    )  # fmt: skip
+    run = root / "diffusion" / "version_0"
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    events = EventAccumulator(str(run)).Reload()
+    assert {"diffusion/samples", "diffusion/real"} <= set(events.Tags()["images"])
+    assert "val/loss" in events.Tags()["scalars"]
+
+    capsys.readouterr()
+    assert main(["features", "layers", "--checkpoint", str(checkpoint)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split() == ["enc.0.0", "16", "8"] and any(r.startswith("mid.0") for r in table)
+
+    grid = tmp_path / "grid.png"
+    assert main(["diffusion", "sample", "--checkpoint", str(checkpoint), "--n", "4",
+                 "--steps", "3", "--out", str(grid)]) == 0  # fmt: skip
+    assert Image.open(grid).size[0] > 2 * 16
+
+    code = main(["features", "layers", "--checkpoint", str(checkpoint),
+                 "--config", str(REPOSITORY / "configs/diffusion.yaml")])  # fmt: skip
+    assert code == 2
+    assert "base_channels is 8 in the checkpoint but 32 in the config" in capsys.readouterr().err
+
+
+def test_features_layers_from_a_config(capsys):
+    assert main(["features", "layers", "--config", str(REPOSITORY / "configs/diffusion.yaml")]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert rows[0] == ["enc.0.0", "32", "32"]
+    assert ["mid.0", "8", "64"] in rows
