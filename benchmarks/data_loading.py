@@ -30,7 +30,7 @@ REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ndsb_isii
 BATCH_SIZE = 256
 QUICK_IMAGES = 3000
 # Balanced and source-only, so that the image count is exactly classes x per_class.
-SYNTHETIC = SyntheticPlankton(classes=40, per_class=800, imbalance=1.0, domains=["source"])
+SYNTHETIC = SyntheticPlankton(classes=16, per_class=2000, imbalance=1.0, domains=["source"])
 QUICK_SYNTHETIC = SyntheticPlankton(classes=12, per_class=250, imbalance=1.0, domains=["source"])
 
 
@@ -49,8 +49,7 @@ class DecodedImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        # A writable copy, like the one PlanktonImages makes of its cached row.
-        image = torch.from_numpy(load_preprocessed(self.paths[index], self.settings).copy())
+        image = torch.from_numpy(load_preprocessed(self.paths[index], self.settings))
         return self.transform(image), int(self.labels[index]), index
 
 

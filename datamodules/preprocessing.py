@@ -158,8 +158,8 @@ def preprocess(array: np.ndarray, settings: Preprocessing) -> np.ndarray:
     resized = Image.fromarray(square).resize(
         (settings.image_size, settings.image_size), Image.Resampling.BILINEAR
     )
-    out = np.asarray(resized)
-    return out[None] if out.ndim == 2 else out.transpose(2, 0, 1).copy()
+    out = np.array(resized)  # a writable copy: PIL's buffer is read-only
+    return out[None] if out.ndim == 2 else np.ascontiguousarray(out.transpose(2, 0, 1))
 
 
 def load_preprocessed(path: str | Path, settings: Preprocessing) -> np.ndarray:

@@ -182,6 +182,7 @@ def scan_table(table: Path, delimiter: str, path_column: str, label_column: str)
         metadata_columns = [
             c for c in columns if c not in (path_column, label_column, "split", "domain")
         ]
+        first_line: dict[Path, int] = {}
         for line, row in enumerate(reader, start=2):
             if _is_ecotaxa_type_row(row):
                 continue
@@ -203,6 +204,12 @@ def scan_table(table: Path, delimiter: str, path_column: str, label_column: str)
             if not file.is_file():
                 result.skipped.append(Skipped(str(file), f"file not found ({where})"))
                 continue
+            if file in first_line:
+                result.skipped.append(
+                    Skipped(str(file), f"listed again ({where}; first at line {first_line[file]})")
+                )
+                continue
+            first_line[file] = line
             split = (row.get("split") or "").strip() or None
             result.records.append(
                 ImageRecord(

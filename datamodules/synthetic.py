@@ -15,6 +15,7 @@ Domains model the distribution shifts ecologists meet:
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import itertools
 import json
@@ -94,43 +95,56 @@ APPEARANCES = {
 }
 
 
-def morphotypes(num_classes: int) -> list[Morphotype]:
-    """The first ``num_classes`` morphotypes: sibling pairs (2k, 2k+1) differ in one trait.
+def _all_morphotypes() -> list[Morphotype]:
+    """Every distinct trait combination: spine length means nothing without spines."""
+    combos = (Morphotype(*values) for values in itertools.product(*TRAITS.values()))
+    return [m for m in combos if m.spines or m.spine_length == TRAITS["spine_length"][0]]
 
-    Families (the even classes) differ from each other in at least three traits.
-    """
-    combos = [Morphotype(*values) for values in itertools.product(*TRAITS.values())]
-    if not 2 <= num_classes <= len(combos) // 4:
-        raise ValueError(f"classes must be between 2 and {len(combos) // 4}, got {num_classes}")
-    rng = np.random.default_rng(_TAXONOMY_SEED)
-    order = rng.permutation(len(combos))
+
+@functools.cache
+def _taxonomy() -> tuple[Morphotype, ...]:
+    """Sibling pairs (2k, 2k+1) that differ in one trait; families (the even classes) differ from
+    each other in at least three traits. Built once, in a fixed order."""
+    combos = _all_morphotypes()
+    valid = set(combos)
+    order = np.random.default_rng(_TAXONOMY_SEED).permutation(len(combos))
     trait_names = list(TRAITS)
     chosen: list[Morphotype] = []
     for index in order:
         family = combos[index]
         if family in chosen or any(_distance(family, other) < 3 for other in chosen[::2]):
             continue
-        sibling = _sibling(family, trait_names[len(chosen) // 2 % len(trait_names)], chosen)
-        if sibling is None:
-            continue
-        chosen += [family, sibling]
-        if len(chosen) >= num_classes:
-            return chosen[:num_classes]
-    raise ValueError(f"cannot build {num_classes} distinct morphotypes")
+        first = len(chosen) // 2 % len(trait_names)
+        sibling = next(
+            (
+                candidate
+                for trait in trait_names[first:] + trait_names[:first]
+                for candidate in _variants(family, trait)
+                if candidate in valid and candidate not in chosen
+            ),
+            None,
+        )
+        if sibling is not None:
+            chosen += [family, sibling]
+    return tuple(chosen)
+
+
+def morphotypes(num_classes: int) -> list[Morphotype]:
+    """The first ``num_classes`` morphotypes: sibling pairs (2k, 2k+1) differ in one trait."""
+    available = len(_taxonomy())
+    if not 2 <= num_classes <= available:
+        raise ValueError(f"classes must be between 2 and {available}, got {num_classes}")
+    return list(_taxonomy()[:num_classes])
 
 
 def _distance(a: Morphotype, b: Morphotype) -> int:
     return sum(x != y for x, y in zip(asdict(a).values(), asdict(b).values(), strict=True))
 
 
-def _sibling(family: Morphotype, trait: str, taken: list[Morphotype]) -> Morphotype | None:
-    values = TRAITS[trait]
-    current = values.index(getattr(family, trait))
-    for step in range(1, len(values)):
-        candidate = Morphotype(**{**asdict(family), trait: values[(current + step) % len(values)]})
-        if candidate not in taken:
-            return candidate
-    return None
+def _variants(family: Morphotype, trait: str) -> list[Morphotype]:
+    """``family`` with ``trait`` set to each of its other values."""
+    current = getattr(family, trait)
+    return [Morphotype(**{**asdict(family), trait: v}) for v in TRAITS[trait] if v != current]
 
 
 def class_frequencies(num_classes: int, per_class: int, imbalance: float) -> list[int]:

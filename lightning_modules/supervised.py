@@ -24,6 +24,8 @@ class SupervisedModule(L.LightningModule):
         backbone: a timm model name (``resnet18``, ``resnet50``...); never pretrained, since
             nothing is downloaded.
         in_chans: image channels, linked from the data.
+        image_size: image side, linked from the data; kept in the checkpoint so new images are
+            preprocessed the way the training images were.
         lr: peak AdamW learning rate for a batch of 256, scaled linearly by the global batch.
         weight_decay: AdamW weight decay.
         warmup_epochs: linear warm-up before the cosine decay.
@@ -37,6 +39,7 @@ class SupervisedModule(L.LightningModule):
         class_names: list[str] | None = None,
         backbone: str = "resnet18",
         in_chans: int = 1,
+        image_size: int = 32,
         lr: float = 1e-3,
         weight_decay: float = 0.05,
         warmup_epochs: int = 1,

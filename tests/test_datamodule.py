@@ -104,7 +104,10 @@ def test_manifest_with_fixed_and_ood_splits(class_folders, tmp_path):
             label = file.parent.name
             split = "spring" if i % 5 == 0 else ("test" if i % 5 == 1 else "")
             writer.writerow([file.relative_to(tmp_path).as_posix(), label, split, "x", "st1"])
-        writer.writerow(["images/copepod/copepod_000.png", "unknown_taxon", "spring", "x", "st1"])
+        _write_images(tmp_path / "extra", "unknown_taxon", 1)
+        writer.writerow(
+            ["extra/unknown_taxon/unknown_taxon_000.png", "unknown_taxon", "spring", "x", "st1"]
+        )
     dm = _module(manifest, tmp_path)
     assert dm.eval_set_names == ["test", "spring"]
     assert dm.summary.excluded["spring"] == {"unknown_taxon": 1}

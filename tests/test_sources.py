@@ -450,3 +450,12 @@ def test_ecotaxa_is_not_read_as_a_csv(tmp_path):
     )
     (record,) = scan(tsv).records
     assert record.metadata == {"sample_comment": "net, 200 um"}
+
+
+def test_manifest_lists_a_file_only_once(tmp_path):
+    image(tmp_path / "imgs" / "a.png")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,label\nimgs/a.png,copepod\nimgs/a.png,diatom\n")
+    result = scan(manifest)
+    assert [(r.key, r.label) for r in result.records] == [("imgs/a.png", "copepod")]
+    assert "listed again" in result.skipped[0].reason and "line 2" in result.skipped[0].reason

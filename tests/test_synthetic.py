@@ -8,6 +8,7 @@ from datamodules.synthetic import (
     APPEARANCES,
     SyntheticPlankton,
     _distance,
+    _taxonomy,
     class_frequencies,
     ensure_dataset,
     generate_images,
@@ -17,9 +18,10 @@ from datamodules.synthetic import (
 
 
 def test_siblings_differ_in_one_trait_and_families_in_several():
-    classes = morphotypes(16)
-    assert len({m.name for m in classes}) == 16
-    for k in range(0, 16, 2):
+    classes = morphotypes(len(_taxonomy()))
+    assert len(classes) > 50
+    assert len({m.name for m in classes}) == len(classes)  # every class looks different
+    for k in range(0, len(classes), 2):
         assert _distance(classes[k], classes[k + 1]) == 1
     families = classes[::2]
     for i, a in enumerate(families):
@@ -98,3 +100,8 @@ def test_ensure_dataset_generates_once(tmp_path, tiny_spec):
 def test_bad_settings_name_the_option(settings, option):
     with pytest.raises(ValueError, match=option):
         SyntheticPlankton(**settings)
+
+
+def test_asking_for_too_many_classes_says_how_many_exist():
+    with pytest.raises(ValueError, match=f"between 2 and {len(_taxonomy())}"):
+        morphotypes(len(_taxonomy()) + 1)
