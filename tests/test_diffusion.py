@@ -295,3 +295,19 @@ def test_ddp_fit_keeps_ema_identical_on_both_ranks(tmp_path):
     assert ranks[0]["step"] == ranks[1]["step"] > 0
     for name, value in ranks[0]["ema"].items():
         assert torch.equal(value, ranks[1]["ema"][name]), name
+
+
+def test_gradients_are_clipped_to_grad_clip(datamodule, tmp_path):
+    module = DiffusionModule(**TINY_UNET, grad_clip=0.01)
+    norms = []
+
+    def record(optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        L.LightningModule.clip_gradients(
+            module, optimizer, gradient_clip_val, gradient_clip_algorithm
+        )
+        grads = [p.grad for p in module.unet.parameters() if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+    module.clip_gradients = record
+    _trainer(tmp_path, max_steps=2, max_epochs=-1, limit_val_batches=0).fit(module, datamodule)
+    assert len(norms) == 2 and max(norms) <= 0.01 * 1.001
