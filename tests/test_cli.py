@@ -27,52 +27,24 @@ TINY_DATA = [
 MODEL_CONFIGS = sorted((REPOSITORY / "configs").glob("*.yaml"))
 
 
+def synth(out, options=""):
+    return main(["data", "synth", "--out", str(out), *options.split()])
+
+
 def test_data_synth_writes_a_dataset(tmp_path, capsys):
     out = tmp_path / "synth"
-    code = main(
-        [
-            "data",
-            "synth",
-            "--out",
-            str(out),
-            "--classes",
-            "3",
-            "--per-class",
-            "5",
-            "--size",
-            "24",
-            "--domains",
-            "source,temporal",
-            "--seed",
-            "1",
-        ]
-    )
+    code = synth(out, "--classes 3 --per-class 5 --size 24 --domains source,temporal --seed 1")
     assert code == 0
     lines = (out / "manifest.csv").read_text().splitlines()
     assert lines[0] == "path,label,split,domain"
     assert {line.rsplit(",", 1)[1] for line in lines[1:]} == {"source", "temporal"}
     assert len([p for p in out.iterdir() if p.is_dir()]) == 3
-    assert main(["data", "synth", "--out", str(out)]) == 2
+    assert synth(out) == 2
     assert "not empty" in capsys.readouterr().err
 
 
 def test_data_inspect_json_lists_counts_and_skipped(tmp_path, capsys):
-    main(
-        [
-            "data",
-            "synth",
-            "--out",
-            str(tmp_path / "d"),
-            "--classes",
-            "3",
-            "--per-class",
-            "10",
-            "--size",
-            "24",
-            "--domains",
-            "source",
-        ]
-    )
+    synth(tmp_path / "d", "--classes 3 --per-class 10 --size 24 --domains source")
     broken = sorted(p for p in (tmp_path / "d").iterdir() if p.is_dir())[0]
     (broken / "corrupt.png").write_bytes(b"\x89PNG garbage")
     capsys.readouterr()
@@ -95,20 +67,7 @@ def test_data_inspect_reads_model_and_data_configs(capsys):
 
 
 def test_data_inspect_prints_a_table(tmp_path, capsys):
-    main(
-        [
-            "data",
-            "synth",
-            "--out",
-            str(tmp_path / "d"),
-            "--classes",
-            "2",
-            "--per-class",
-            "6",
-            "--size",
-            "24",
-        ]
-    )
+    synth(tmp_path / "d", "--classes 2 --per-class 6 --size 24")
     capsys.readouterr()
     main(["data", "inspect", "--root", str(tmp_path / "d" / "manifest.csv")])
     out = capsys.readouterr().out
