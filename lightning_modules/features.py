@@ -9,8 +9,9 @@ bit-identical features whatever batch it lands in.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -23,7 +24,8 @@ from .per_image_noise import per_image_noise
 from .unet import UNet
 
 Pooling = Literal["avg", "avg_std", "adaptive"]
-FeatureKey = tuple[str, int]
+# (layer, timestep); encoders without timesteps use (name, None).
+FeatureKey = tuple[str, int | None]
 
 
 class _StopForward(Exception):
@@ -88,13 +90,41 @@ def capture(
     return outputs
 
 
-class DiffusionFeatures(nn.Module):
+class FeatureSource(nn.Module):
+    """Frozen features of images at one or several keys, for probes and clustering.
+
+    A subclass sets ``keys`` and implements ``feature_dims``, ``settings`` and ``forward``;
+    ``fingerprint`` then names its features in the on-disk feature cache.
+    """
+
+    keys: list[FeatureKey]
+
+    def feature_dims(self) -> dict[FeatureKey, int]:
+        raise NotImplementedError
+
+    def settings(self) -> dict:
+        """Everything besides the weights that decides the features."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """A hash of the weights and the settings: equal fingerprints give equal features."""
+        digest = hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:24]
+
+    def train(self, mode: bool = True) -> FeatureSource:
+        """The backbone stays in eval mode (dropout, batch norm) whatever the caller asks."""
+        return super().train(False)
+
+
+class DiffusionFeatures(FeatureSource):
     """A feature source over a frozen U-Net: ``forward(images, indices)`` returns
     ``{(layer, timestep): (batch, features)}``.
 
     Args:
-        unet: the denoiser (EMA weights in practice); frozen and kept in eval mode.
-        schedule: its noise schedule.
+        checkpoint: a DiffusionModule checkpoint (read with ``weights_only=True``).
         layers: block names, patterns (``dec.*``) or resolutions (``16``).
         timesteps: noise levels, each in [0, T).
         pooling: ``avg`` (global average), ``avg_std`` (average and standard deviation) or
@@ -107,14 +137,53 @@ class DiffusionFeatures(nn.Module):
         micro_batch: the U-Net always runs on exactly this many images (the last group padded
             with copies): kernels pick their arithmetic by batch size, and a fixed size keeps an
             image's features bit-identical whatever batch it arrives in.
+        weights: ``ema`` (default) or ``raw`` training weights.
     """
 
     def __init__(
         self,
+        checkpoint: str,
+        layers: Sequence[str | int] = ("dec.*",),
+        timesteps: Sequence[int] = (1, 5, 10, 25, 50, 100, 200, 400),
+        pooling: Pooling = "avg",
+        pool_size: int = 2,
+        noise_draws: int = 1,
+        seed: int = 0,
+        stack_timesteps: bool = False,
+        micro_batch: int = 16,
+        weights: Literal["ema", "raw"] = "ema",
+    ) -> None:
+        module = load_diffusion(checkpoint)
+        super().__init__()
+        self._build(
+            module.ema if weights == "ema" else module.unet,
+            module.schedule,
+            layers,
+            timesteps,
+            pooling,
+            pool_size,
+            noise_draws,
+            seed,
+            stack_timesteps,
+            micro_batch,
+        )
+
+    @classmethod
+    def from_unet(
+        cls, unet: UNet, schedule: NoiseSchedule, **settings: object
+    ) -> DiffusionFeatures:
+        """A feature source over a U-Net in memory (settings as in ``__init__``)."""
+        source = cls.__new__(cls)
+        FeatureSource.__init__(source)
+        source._build(unet, schedule, **settings)
+        return source
+
+    def _build(
+        self,
         unet: UNet,
         schedule: NoiseSchedule,
         layers: Sequence[str | int] = ("dec.*",),
-        timesteps: Sequence[int] = (10,),
+        timesteps: Sequence[int] = (1, 5, 10, 25, 50, 100, 200, 400),
         pooling: Pooling = "avg",
         pool_size: int = 2,
         noise_draws: int = 1,
@@ -122,7 +191,6 @@ class DiffusionFeatures(nn.Module):
         stack_timesteps: bool = False,
         micro_batch: int = 16,
     ) -> None:
-        super().__init__()
         schedule.check(list(timesteps))
         if noise_draws < 1:
             raise ValueError(f"noise_draws must be at least 1, got {noise_draws}")
@@ -135,29 +203,23 @@ class DiffusionFeatures(nn.Module):
         self.noise_draws, self.seed = noise_draws, seed
         self.stack_timesteps = stack_timesteps
         self.micro_batch = micro_batch
+        self.keys = [(layer, t) for t in self.timesteps for layer in self.layers]
 
-    @classmethod
-    def from_checkpoint(
-        cls, path: str | Path, weights: Literal["ema", "raw"] = "ema", **settings: object
-    ) -> DiffusionFeatures:
-        """A feature source from a DiffusionModule checkpoint (loaded with ``weights_only``)."""
-        module = load_diffusion(path)
-        unet = module.ema if weights == "ema" else module.unet
-        return cls(unet, module.schedule, **settings)
-
-    @property
-    def keys(self) -> list[FeatureKey]:
-        return [(layer, t) for t in self.timesteps for layer in self.layers]
+    def settings(self) -> dict:
+        return {
+            "source": "diffusion",
+            "layers": self.layers,
+            "timesteps": self.timesteps,
+            "pooling": self.pooling,
+            "pool_size": self.pool_size,
+            "noise_draws": self.noise_draws,
+            "seed": self.seed,
+            "schedule": [self.schedule.kind, self.schedule.timesteps],
+        }
 
     def feature_dims(self) -> dict[FeatureKey, int]:
         factor = {"avg": 1, "avg_std": 2, "adaptive": self.pool_size**2}[self.pooling]
         return {(layer, t): self.unet.info[layer].channels * factor for layer, t in self.keys}
-
-    def train(self, mode: bool = True) -> DiffusionFeatures:
-        """The U-Net stays in eval mode (it has dropout) whatever the caller asks."""
-        super().train(mode)
-        self.unet.eval()
-        return self
 
     @torch.no_grad()
     def forward(

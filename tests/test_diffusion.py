@@ -157,7 +157,7 @@ def trained_module():
 
 def _features(module, **settings):
     settings.setdefault("timesteps", (1, 10, 50))
-    return DiffusionFeatures(module.ema, module.schedule, **settings)
+    return DiffusionFeatures.from_unet(module.ema, module.schedule, **settings)
 
 
 def test_feature_keys_and_shapes(trained_module):
@@ -274,7 +274,7 @@ def test_from_checkpoint_reads_the_ema_weights(tmp_path, trained_module):
         },
         path,
     )
-    source = DiffusionFeatures.from_checkpoint(path, layers=["mid.0"], timesteps=(10,))
+    source = DiffusionFeatures(str(path), layers=["mid.0"], timesteps=(10,))
     images = torch.randn(2, 1, 16, 16)
     expected = _features(trained_module, layers=["mid.0"], timesteps=(10,))(images, [0, 1])
     assert torch.equal(source(images, [0, 1])[("mid.0", 10)], expected[("mid.0", 10)])
