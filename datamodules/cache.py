@@ -17,6 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from tqdm import tqdm
@@ -25,6 +26,7 @@ from .preprocessing import ImageReadError, Preprocessing, load_preprocessed
 from .sources import ImageRecord, Skipped
 
 CACHE_VERSION = 1
+T = TypeVar("T")
 
 
 def default_cache_dir() -> Path:
@@ -77,17 +79,13 @@ def load_or_build(
     cached = _load(array_path, index_path, len(records), settings)
     if cached is not None:
         return cached
-    folder.mkdir(parents=True, exist_ok=True)
     shape = (len(records), settings.channels, settings.image_size, settings.image_size)
-    staging = folder / f".{key}.{os.getpid()}.npy.tmp"
-    try:
-        images = np.lib.format.open_memmap(staging, mode="w+", dtype=np.uint8, shape=shape)
-        failed = _fill(images, records, settings, num_workers, progress)
-        images.flush()
-        del images
-        os.replace(staging, array_path)
-    finally:
-        staging.unlink(missing_ok=True)
+    failed = write_array_atomic(
+        array_path,
+        shape,
+        np.uint8,
+        lambda images: _fill(images, records, settings, num_workers, progress),
+    )
     index = {
         "version": CACHE_VERSION,
         "source": source_name,
@@ -96,7 +94,7 @@ def load_or_build(
         "failed": [[i, reason] for i, reason in failed],
         "files": [str(r.path) for r in records],
     }
-    _write_atomic(index_path, json.dumps(index))
+    write_text_atomic(index_path, json.dumps(index))
     for stale in folder.iterdir():
         if stale.suffix in (".npy", ".json") and stale.stem != key:
             stale.unlink(missing_ok=True)
@@ -170,7 +168,26 @@ class _InProcess:
         return map(fn, items)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` under a temporary name and rename it into place."""
     staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     staging.write_text(text)
     os.replace(staging, path)
+
+
+def write_array_atomic(
+    path: Path, shape: tuple[int, ...], dtype: np.dtype | type, fill: Callable[[np.ndarray], T]
+) -> T:
+    """Create the ``.npy`` array ``path`` memory-mapped under a temporary name, let ``fill``
+    write it, and rename it into place only once it is complete. Returns what ``fill`` returns."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.stem}.{os.getpid()}.npy.tmp")
+    try:
+        array = np.lib.format.open_memmap(staging, mode="w+", dtype=dtype, shape=shape)
+        result = fill(array)
+        array.flush()
+        del array
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+    return result

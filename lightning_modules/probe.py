@@ -1,0 +1,439 @@
+"""``ProbeModule``: one linear head per key of a frozen feature source, all trained together.
+
+Features of every key are zero-padded to a common width and stacked, so the whole grid of heads
+is one batched matrix product ``(keys, batch, dim) @ (keys, dim, classes)``; the zero padding
+adds nothing to the logits. The backbone stays frozen in eval mode. In ``cached`` mode features
+are extracted once into the on-disk feature cache and every epoch costs only the heads; in
+``online`` mode the backbone runs every step (and may see augmented images). Both round features
+to float16, so they train on identical inputs.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
+
+from datamodules.cache import default_cache_dir
+from datamodules.views import View, diffusion_view, eval_view
+
+from .feature_cache import load_or_extract
+from .features import FeatureKey, FeatureSource
+from .grid_metrics import GridConfusion, grid_scores
+from .probe_reports import write_heatmaps, write_test_reports
+
+
+class ProbeModule(L.LightningModule):
+    """Linear probes for every key of ``features``, selected on validation.
+
+    Args:
+        features: the frozen feature source (``DiffusionFeatures``, or an encoder's).
+        num_classes: linked from the data.
+        class_names: linked from the data.
+        in_chans: linked from the data; kept in the checkpoint.
+        image_size: linked from the data; kept in the checkpoint.
+        mode: ``cached`` (extract once to disk, then train the heads) or ``online``.
+        solver: ``adamw`` or ``sgd`` (mini-batch), or ``lbfgs`` (full-batch logistic regression
+            on cached features, the way to converge; ``lbfgs_iterations`` per epoch).
+        lr: learning rate of AdamW and SGD (L-BFGS uses a line search instead).
+        weight_decay: L2 penalty on the head weights (decoupled for AdamW, in the loss for
+            SGD and L-BFGS).
+        standardize: ``train`` (mean and std of each feature over the training set),
+            ``batchnorm`` (a BatchNorm without affine parameters) or ``none``.
+        l2_normalize: scale each key's feature vector to unit length (after standardizing).
+        loss: ``cross_entropy``, ``class_balanced`` (inverse-frequency class weights) or
+            ``logit_adjusted`` (adds ``logit_tau * log prior`` during training; Menon et al.).
+        logit_tau: strength of the logit adjustment.
+        lbfgs_iterations: L-BFGS iterations per epoch.
+        convergence_tol: a head has converged when its training loss changed over the last
+            epoch by less than this fraction of (loss + 0.1).
+        select_metric: validation metric that chooses the best key.
+        fusion_top_k: after fitting, a head on the concatenated features of the top-k keys is
+            trained with L-BFGS and reported beside the best single key (0 disables it).
+        augment: online mode only: flips and 90-degree rotations of the training images.
+        cache_dir: feature cache folder (default ``$PLANKTON_CACHE``).
+        extract_batch_size: batch size of feature extraction.
+    """
+
+    def __init__(
+        self,
+        features: FeatureSource,
+        num_classes: int = 2,
+        class_names: list[str] | None = None,
+        in_chans: int = 1,
+        image_size: int = 32,
+        mode: Literal["cached", "online"] = "cached",
+        solver: Literal["adamw", "sgd", "lbfgs"] = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        standardize: Literal["train", "batchnorm", "none"] = "train",
+        l2_normalize: bool = False,
+        loss: Literal["cross_entropy", "class_balanced", "logit_adjusted"] = "cross_entropy",
+        logit_tau: float = 1.0,
+        lbfgs_iterations: int = 50,
+        convergence_tol: float = 1e-3,
+        select_metric: Literal["macro_f1", "acc"] = "macro_f1",
+        fusion_top_k: int = 3,
+        augment: bool = False,
+        cache_dir: str | None = None,
+        extract_batch_size: int = 64,
+    ) -> None:
+        super().__init__()
+        if solver == "lbfgs" and mode != "cached":
+            raise ValueError("solver: lbfgs needs mode: cached (full-batch on stored features)")
+        self.save_hyperparameters(ignore=["features"])
+        self.automatic_optimization = solver != "lbfgs"
+        self.features = features.requires_grad_(False)
+        self.keys: list[FeatureKey] = list(features.keys)
+        self.class_names = class_names or [str(i) for i in range(num_classes)]
+        dims = features.feature_dims()
+        widths = torch.tensor([dims[key] for key in self.keys])
+        width = int(widths.max())
+        heads = len(self.keys)
+        self.register_buffer("valid", torch.arange(width)[None, :] < widths[:, None])
+        self.register_buffer("mean", torch.zeros(heads, width))
+        self.register_buffer("std", torch.ones(heads, width))
+        self.norm = (
+            nn.BatchNorm1d(heads * width, affine=False) if standardize == "batchnorm" else None
+        )
+        self.weight = nn.Parameter(torch.zeros(heads, width, num_classes))
+        self.bias = nn.Parameter(torch.zeros(heads, num_classes))
+        self.register_buffer("log_prior", torch.zeros(num_classes))
+        self.register_buffer("class_weight", torch.ones(num_classes))
+        # Selection and convergence travel in the checkpoint, so `test` knows the best key.
+        self.register_buffer("val_acc", torch.zeros(heads))
+        self.register_buffer("val_macro_f1", torch.zeros(heads))
+        self.register_buffer("converged", torch.zeros(heads, dtype=torch.bool))
+        self.register_buffer("previous_loss", torch.full((heads,), float("nan")))
+        top_k = min(fusion_top_k, heads) if fusion_top_k > 1 else 0
+        self.register_buffer("fusion_keys", torch.zeros(top_k, dtype=torch.long))
+        self.fusion_weight = nn.Parameter(torch.zeros(top_k * width, num_classes), False)
+        self.fusion_bias = nn.Parameter(torch.zeros(num_classes), False)
+        self.val_grid = GridConfusion(heads, num_classes)
+        self.test_grids = nn.ModuleList()
+        self.epoch_loss = torch.zeros(heads)
+        self.epoch_batches = 0
+        self._cached: dict[str, torch.Tensor] = {}
+
+    # -- views and features --------------------------------------------------------------------
+    def train_view(self, image_size: int, channels: int) -> View:
+        if self.hparams.augment and self.hparams.mode == "online":
+            return diffusion_view(image_size, channels)
+        return eval_view(image_size, channels)
+
+    @property
+    def best_index(self) -> int:
+        return int(getattr(self, f"val_{self.hparams.select_metric}").argmax())
+
+    @property
+    def best_key(self) -> FeatureKey:
+        return self.keys[self.best_index]
+
+    def _stack(self, features: dict[FeatureKey, torch.Tensor]) -> torch.Tensor:
+        """``(batch, keys, width)`` zero-padded, rounded to float16 like the cache."""
+        batch = next(iter(features.values())).shape[0]
+        out = torch.zeros(batch, len(self.keys), self.valid.shape[1], dtype=torch.float16)
+        for i, key in enumerate(self.keys):
+            out[:, i, : features[key].shape[1]] = features[key].to(torch.float16).cpu()
+        return out
+
+    def _split_features(self, split: str) -> torch.Tensor:
+        """All features of ``split`` ``(N, keys, width)``, from the feature cache."""
+        if split not in self._cached:
+            dataset = self.trainer.datamodule.dataset(split)
+            cache_dir = self.hparams.cache_dir or default_cache_dir()
+            features = load_or_extract(
+                self.features,
+                dataset,
+                cache_dir,
+                self.hparams.extract_batch_size,
+                self.device,
+                progress=self.trainer.is_global_zero,
+            )
+            self._cached[split] = self._stack(features)
+        return self._cached[split]
+
+    def batch_features(self, batch: tuple, split: str) -> torch.Tensor:
+        """``(keys, batch, width)`` float32 features of a batch of ``split``."""
+        images, _, indices = batch
+        if self.hparams.mode == "cached":
+            stacked = self._split_features(split)[indices.cpu()]
+        else:
+            stacked = self._stack(self.features(images, indices))
+        return stacked.to(self.device, torch.float32).transpose(0, 1)
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.standardize == "train":
+            x = (x - self.mean[:, None]) / self.std[:, None]
+        elif self.norm is not None:
+            keys, batch, width = x.shape
+            x = self.norm(x.transpose(0, 1).reshape(batch, -1)).reshape(batch, keys, width)
+            x = x.transpose(0, 1)
+        x = x * self.valid[:, None]
+        if self.hparams.l2_normalize:
+            x = F.normalize(x, dim=-1)
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``(keys, batch, classes)`` from raw features ``(keys, batch, width)``."""
+        return torch.baddbmm(self.bias[:, None], self._normalize(x), self.weight)
+
+    def head_losses(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Training loss of every head ``(keys,)``."""
+        logits = self.logits(x)
+        if self.hparams.loss == "logit_adjusted":
+            logits = logits + self.hparams.logit_tau * self.log_prior
+        keys, batch, classes = logits.shape
+        weight = self.class_weight if self.hparams.loss == "class_balanced" else None
+        losses = F.cross_entropy(
+            logits.reshape(-1, classes), labels.repeat(keys), weight=weight, reduction="none"
+        ).reshape(keys, batch)
+        if weight is not None:
+            return losses.sum(1) / weight[labels].sum()
+        return losses.mean(1)
+
+    # -- fitting -------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if stage == "fit":
+            counts = datamodule.class_counts.to(self.log_prior)
+            self.log_prior.copy_(torch.log(counts.clamp(min=1) / counts.sum()))
+            self.class_weight.copy_(datamodule.class_weights.to(self.class_weight))
+
+    def on_fit_start(self) -> None:
+        self.features.eval()
+        if self.hparams.mode == "cached":
+            self._extract_on_rank_zero_first("train", "val")
+        if self.hparams.standardize == "train":
+            self._standardize_from_training_set()
+
+    def _extract_on_rank_zero_first(self, *splits: str) -> None:
+        """Rank zero fills the feature cache; the other ranks then read it."""
+        if self.trainer.is_global_zero:
+            for split in splits:
+                self._split_features(split)
+        self.trainer.strategy.barrier("feature cache")
+        for split in splits:
+            self._split_features(split)
+
+    def _collect(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every feature ``(keys, N, width)`` and label of ``split``, in the evaluation view."""
+        dataset = self.trainer.datamodule.dataset(split)
+        labels = torch.as_tensor(dataset.labels, device=self.device)
+        if self.hparams.mode == "cached":
+            features = self._split_features(split)
+            return features.to(self.device, torch.float32).transpose(0, 1), labels
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=self.hparams.extract_batch_size, generator=torch.Generator()
+        )
+        parts = [self.batch_features(batch, split) for batch in loader]
+        return torch.cat(parts, dim=1), labels
+
+    @torch.no_grad()
+    def _standardize_from_training_set(self) -> None:
+        x, _ = self._collect("train")
+        mean = x.double().mean(dim=1)
+        std = x.double().std(dim=1, correction=0)
+        self.mean.copy_(mean * self.valid)
+        self.std.copy_(torch.where(self.valid & (std > 1e-6), std, 1.0))
+
+    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor | None:
+        if self.hparams.solver == "lbfgs":
+            return self._lbfgs_epoch(batch_idx)
+        losses = self.head_losses(self.batch_features(batch, "train"), batch[1])
+        self.epoch_loss += losses.detach().cpu()
+        self.epoch_batches += 1
+        loss = losses.sum()  # each head receives the gradient of its own loss
+        if self.hparams.solver == "sgd":
+            loss = loss + 0.5 * self.hparams.weight_decay * self.weight.square().sum()
+        self.log("train/loss", losses.mean(), prog_bar=True)
+        return loss
+
+    def _lbfgs_epoch(self, batch_idx: int) -> None:
+        """Full-batch L-BFGS once per epoch, on the first batch; the other batches do nothing."""
+        if batch_idx:
+            return None
+        x, labels = self._collect("train")
+        optimizer = self.optimizers()
+        decay = self.hparams.weight_decay
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            losses = self.head_losses(x, labels)
+            loss = losses.sum() + 0.5 * decay * self.weight.square().sum()
+            self.manual_backward(loss)
+            return loss
+
+        optimizer.step(closure)
+        with torch.no_grad():
+            self.epoch_loss = self.head_losses(x, labels).cpu()
+        self.epoch_batches = 1
+        self.log("train/loss", self.epoch_loss.mean())
+        return None
+
+    def on_train_epoch_end(self) -> None:
+        loss = self.epoch_loss / max(1, self.epoch_batches)
+        loss = self.trainer.strategy.reduce(loss.to(self.device), reduce_op="mean").cpu()
+        # Relative for large losses, absolute near zero (separable data drives the loss to 0).
+        change = (loss - self.previous_loss.cpu()).abs()
+        self.converged.copy_(change < self.hparams.convergence_tol * (loss + 0.1))
+        self.previous_loss.copy_(loss)
+        self.log("train/heads_converged", self.converged.float().mean())
+        self.epoch_loss = torch.zeros(len(self.keys))
+        self.epoch_batches = 0
+
+    def validation_step(self, batch: tuple, batch_idx: int) -> None:
+        self.val_grid.update(self.logits(self.batch_features(batch, "val")).argmax(-1), batch[1])
+
+    def on_validation_epoch_end(self) -> None:
+        scores = grid_scores(self.val_grid.compute())
+        self.val_grid.reset()
+        self.val_acc.copy_(scores["acc"])
+        self.val_macro_f1.copy_(scores["macro_f1"])
+        best = self.best_index
+        self.log("val/best_acc", scores["acc"][best], sync_dist=True)
+        self.log("val/best_macro_f1", scores["macro_f1"][best], prog_bar=True, sync_dist=True)
+
+    def on_fit_end(self) -> None:
+        if len(self.fusion_keys):
+            self._fit_fusion()
+        self._write_results({"val": (self.val_acc, self.val_macro_f1, None)})
+        rank_zero_only(write_heatmaps)(self)
+
+    @torch.no_grad()
+    def _fusion_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """``(batch, k * width)``: normalized features of the top-k keys, concatenated."""
+        return self._normalize(x)[self.fusion_keys].transpose(0, 1).flatten(1)
+
+    def _fit_fusion(self) -> None:
+        """A head on the concatenated top-k keys, by full-batch L-BFGS."""
+        ranking = getattr(self, f"val_{self.hparams.select_metric}").argsort(descending=True)
+        self.fusion_keys.copy_(ranking[: len(self.fusion_keys)])
+        x, labels = self._collect("train")
+        inputs = self._fusion_inputs(x)
+        weight = torch.zeros_like(self.fusion_weight, requires_grad=True)
+        bias = torch.zeros_like(self.fusion_bias, requires_grad=True)
+        optimizer = torch.optim.LBFGS(
+            [weight, bias], lr=1, max_iter=200, line_search_fn="strong_wolfe"
+        )
+        decay = self.hparams.weight_decay
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = (
+                F.cross_entropy(inputs @ weight + bias, labels)
+                + 0.5 * decay * weight.square().sum()
+            )
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            optimizer.step(closure)
+        self.fusion_weight.copy_(weight.detach())
+        self.fusion_bias.copy_(bias.detach())
+
+    def fusion_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fusion_inputs(x) @ self.fusion_weight + self.fusion_bias
+
+    # -- testing -------------------------------------------------------------------------------
+    def eval_set_names(self) -> list[str]:
+        return self.trainer.datamodule.eval_set_names
+
+    def on_test_start(self) -> None:
+        self.features.eval()
+        names = self.eval_set_names()
+        if self.hparams.mode == "cached":
+            self._extract_on_rank_zero_first(*names)
+        heads = len(self.keys) + (1 if len(self.fusion_keys) else 0)
+        self.test_grids = nn.ModuleList(
+            GridConfusion(heads, self.hparams.num_classes) for _ in names
+        ).to(self.device)
+
+    def test_step(self, batch: tuple, batch_idx: int, dataloader_idx: int = 0) -> None:
+        x = self.batch_features(batch, self.eval_set_names()[dataloader_idx])
+        preds = self.logits(x).argmax(-1)
+        if len(self.fusion_keys):
+            preds = torch.cat([preds, self.fusion_logits(x).argmax(-1)[None]])
+        self.test_grids[dataloader_idx].update(preds, batch[1])
+
+    def on_test_epoch_end(self) -> None:
+        results = {}
+        best = self.best_index
+        for name, grid in zip(self.eval_set_names(), self.test_grids, strict=True):
+            matrix = grid.compute()
+            scores = grid_scores(matrix)
+            results[name] = (scores["acc"], scores["macro_f1"], scores["per_class_f1"], matrix)
+            self.log(f"{name}/best_acc", scores["acc"][best])
+            self.log(f"{name}/best_macro_f1", scores["macro_f1"][best])
+            if len(self.fusion_keys):
+                self.log(f"{name}/fusion_acc", scores["acc"][-1])
+                self.log(f"{name}/fusion_macro_f1", scores["macro_f1"][-1])
+            grid.reset()
+        self._write_results({k: (v[0], v[1], v[2]) for k, v in results.items()})
+        rank_zero_only(write_test_reports)(self, results)
+
+    # -- outputs -------------------------------------------------------------------------------
+    def output_dir(self) -> Path:
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    @rank_zero_only
+    def _write_results(self, results: dict[str, tuple]) -> None:
+        """Add or replace the rows of ``results``' splits in ``probe_results.csv``."""
+        path = self.output_dir() / "probe_results.csv"
+        rows = []
+        if path.exists():
+            with open(path, newline="") as handle:
+                rows = [row for row in csv.DictReader(handle) if row["split"] not in results]
+        best = self.best_index
+        for split, (acc, macro_f1, _) in results.items():
+            for i, (layer, timestep) in enumerate(self.keys):
+                rows.append(
+                    {
+                        "layer": layer,
+                        "timestep": "" if timestep is None else timestep,
+                        "split": split,
+                        "accuracy": f"{acc[i].item():.6f}",
+                        "macro_f1": f"{macro_f1[i].item():.6f}",
+                        "converged": bool(self.converged[i]),
+                        "best": i == best,
+                    }
+                )
+            if len(acc) > len(self.keys):
+                fused = "+".join(f"{self.keys[i][0]}@{self.keys[i][1]}" for i in self.fusion_keys)
+                rows.append(
+                    {
+                        "layer": f"fusion({fused})",
+                        "timestep": "",
+                        "split": split,
+                        "accuracy": f"{acc[-1].item():.6f}",
+                        "macro_f1": f"{macro_f1[-1].item():.6f}",
+                        "converged": "",
+                        "best": False,
+                    }
+                )
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        heads = [self.weight, self.bias]
+        solver = self.hparams.solver
+        if solver == "lbfgs":
+            return torch.optim.LBFGS(
+                heads,
+                lr=1.0,
+                max_iter=self.hparams.lbfgs_iterations,
+                line_search_fn="strong_wolfe",
+            )
+        if solver == "sgd":
+            return torch.optim.SGD(heads, lr=self.hparams.lr, momentum=0.9)
+        return torch.optim.AdamW(heads, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
