@@ -9,24 +9,31 @@ own commands (``data synth``, ``data inspect``).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+import torch
 import yaml
 from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules import PlanktonDataModule, SyntheticPlankton
+from datamodules.cache import default_cache_dir
 from datamodules.synthetic import DOMAINS, write_dataset
 from lightning_modules.callbacks import save_grid
+from lightning_modules.clustering import cluster_scores
 from lightning_modules.diffusion import DiffusionModule, load_diffusion
+from lightning_modules.feature_cache import load_or_extract
+from lightning_modules.probe_reports import heatmap_figure
 
 SUITE_COMMANDS = {
     "data": "synthesise or inspect a dataset",
     "diffusion": "sample images from a diffusion checkpoint",
-    "features": "list the U-Net blocks features can be read from",
+    "features": "list the U-Net blocks, or cluster frozen features at every key",
 }
 
 
@@ -162,7 +169,17 @@ def features_command(argv: list[str]) -> int:
     layers = commands.add_parser("layers", help="every U-Net block: name, resolution, channels")
     layers.add_argument("--checkpoint", help="a DiffusionModule checkpoint")
     layers.add_argument("--config", help="a diffusion model config (checked against --checkpoint)")
-    args = parser.parse_args(argv)
+    cluster = commands.add_parser("cluster", help="k-means of every key, scored against labels")
+    cluster.add_argument("--config", required=True, help="a probe config (features and data)")
+    cluster.add_argument("--split", default="test", help="train, val, test or an OOD set")
+    cluster.add_argument("--k", type=int, help="number of clusters (default: number of classes)")
+    cluster.add_argument("--out", default="runs/clustering", help="folder for the CSV and heatmaps")
+    cluster.add_argument("--seed", type=int, default=0)
+    args, overrides = parser.parse_known_args(argv)
+    if args.command == "cluster":
+        return cluster_command(args, overrides)
+    if overrides:
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     if not (args.checkpoint or args.config):
         parser.error("give --checkpoint, --config or both")
     expected = model_settings_from_config(args.config) if args.config else None
@@ -173,6 +190,32 @@ def features_command(argv: list[str]) -> int:
     print(f"{'block':<10} {'resolution':>10} {'channels':>9}")
     for info in unet.info.values():
         print(f"{info.name:<10} {info.resolution:>10} {info.channels:>9}")
+    return 0
+
+
+def cluster_command(args: argparse.Namespace, overrides: list[str]) -> int:
+    """k-means per key on the features a probe config describes; extra ``--data.*`` or
+    ``--model.*`` options override the config as in ``plankton fit``."""
+    cli = PlanktonCLI(args=["--config", args.config, *overrides], run=False)
+    datamodule, source = cli.datamodule, cli.model.features
+    dataset = datamodule.dataset(args.split)
+    cache_dir = cli.model.hparams.cache_dir or default_cache_dir()
+    features = load_or_extract(source, dataset, cache_dir, progress=True)
+    rows = cluster_scores(features, dataset.labels, args.k or datamodule.num_classes, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "clustering.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    for score in ("nmi", "ari", "purity"):
+        values = torch.tensor([row[score] for row in rows])
+        figure = heatmap_figure(list(features), values, f"k-means {score} ({args.split})")
+        figure.savefig(out / f"clustering_{score}.png", dpi=120)
+        plt.close(figure)
+    best = max(rows, key=lambda row: row["nmi"])
+    where = f"{best['layer']} t={best['timestep']}"
+    print(f"wrote {out / 'clustering.csv'}; best NMI {best['nmi']:.3f} at {where}")
     return 0
 
 

@@ -9,8 +9,10 @@ bit-identical features whatever batch it lands in.
 from __future__ import annotations
 
 import fnmatch
+import glob
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from typing import Literal
 
@@ -90,6 +92,19 @@ def capture(
     return outputs
 
 
+def latest_checkpoint(pattern: str) -> str:
+    """``pattern`` itself, or the most recently written file matching it as a glob."""
+    if not any(ch in pattern for ch in "*?["):
+        return pattern
+    matches = sorted(glob.glob(pattern), key=os.path.getmtime)
+    if not matches:
+        raise FileNotFoundError(
+            f"no checkpoint matches {pattern}: train the model first "
+            "(plankton fit --config configs/diffusion.yaml) or give the checkpoint's path"
+        )
+    return matches[-1]
+
+
 class FeatureSource(nn.Module):
     """Frozen features of images at one or several keys, for probes and clustering.
 
@@ -124,7 +139,8 @@ class DiffusionFeatures(FeatureSource):
     ``{(layer, timestep): (batch, features)}``.
 
     Args:
-        checkpoint: a DiffusionModule checkpoint (read with ``weights_only=True``).
+        checkpoint: a DiffusionModule checkpoint (read with ``weights_only=True``), or a glob
+            pattern such as ``runs/diffusion/version_*/checkpoints/last.ckpt`` for the newest.
         layers: block names, patterns (``dec.*``) or resolutions (``16``).
         timesteps: noise levels, each in [0, T).
         pooling: ``avg`` (global average), ``avg_std`` (average and standard deviation) or
@@ -143,7 +159,7 @@ class DiffusionFeatures(FeatureSource):
     def __init__(
         self,
         checkpoint: str,
-        layers: Sequence[str | int] = ("dec.*",),
+        layers: Sequence[str | int] = ("*",),
         timesteps: Sequence[int] = (1, 5, 10, 25, 50, 100, 200, 400),
         pooling: Pooling = "avg",
         pool_size: int = 2,
@@ -153,7 +169,7 @@ class DiffusionFeatures(FeatureSource):
         micro_batch: int = 16,
         weights: Literal["ema", "raw"] = "ema",
     ) -> None:
-        module = load_diffusion(checkpoint)
+        module = load_diffusion(latest_checkpoint(checkpoint))
         super().__init__()
         self._build(
             module.ema if weights == "ema" else module.unet,

@@ -375,7 +375,9 @@ class ProbeModule(L.LightningModule):
                 self.log(f"{name}/fusion_acc", scores["acc"][-1])
                 self.log(f"{name}/fusion_macro_f1", scores["macro_f1"][-1])
             grid.reset()
-        self._write_results({k: (v[0], v[1], v[2]) for k, v in results.items()})
+        # The validation scores travel in the checkpoint: a test run's table has them too.
+        rows = {"val": (self.val_acc, self.val_macro_f1, None)}
+        self._write_results(rows | {k: (v[0], v[1], v[2]) for k, v in results.items()})
         rank_zero_only(write_test_reports)(self, results)
 
     # -- outputs -------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 
+from .features import FeatureKey  # noqa: E402
+
 if TYPE_CHECKING:
     from .probe import ProbeModule
 
@@ -24,12 +26,12 @@ def _writer(module: ProbeModule):  # noqa: ANN202 - a SummaryWriter or None
     return logger.experiment if isinstance(logger, TensorBoardLogger) else None
 
 
-def heatmap_figure(module: ProbeModule, values: torch.Tensor, title: str) -> plt.Figure:
+def heatmap_figure(keys: list[FeatureKey], values: torch.Tensor, title: str) -> plt.Figure:
     """Layers (rows, in forward order) x timesteps (columns) of one score per key."""
-    layers = list(dict.fromkeys(layer for layer, _ in module.keys))
-    timesteps = list(dict.fromkeys(t for _, t in module.keys))
+    layers = list(dict.fromkeys(layer for layer, _ in keys))
+    timesteps = list(dict.fromkeys(t for _, t in keys))
     grid = torch.full((len(layers), len(timesteps)), float("nan"))
-    for (layer, t), value in zip(module.keys, values.cpu(), strict=True):
+    for (layer, t), value in zip(keys, torch.as_tensor(values).cpu(), strict=True):
         grid[layers.index(layer), timesteps.index(t)] = value
     figure, axes = plt.subplots(figsize=(1.2 + 0.7 * len(timesteps), 1.0 + 0.32 * len(layers)))
     image = axes.imshow(grid.numpy(), aspect="auto", cmap="viridis")
@@ -47,7 +49,7 @@ def write_heatmaps(module: ProbeModule) -> None:
     writer = _writer(module)
     for metric in ("acc", "macro_f1"):
         values = getattr(module, f"val_{metric}")
-        figure = heatmap_figure(module, values, f"validation {metric}")
+        figure = heatmap_figure(module.keys, values, f"validation {metric}")
         figure.savefig(folder / f"probe_heatmap_val_{metric}.png", dpi=120)
         if writer is not None:
             writer.add_figure(f"probe/heatmap_val_{metric}", figure, module.global_step)

@@ -9,6 +9,7 @@ from conftest import REPOSITORY
 
 from cli import PlanktonCLI, datamodule_from_config, main
 from datamodules.synthetic import SyntheticPlankton, class_frequencies
+from lightning_modules import load_diffusion
 
 TINY_DATA = [
     "--data.synthetic.classes",
@@ -144,6 +145,21 @@ def test_diffusion_fit_sample_and_layers_through_the_cli(tmp_path, capsys):
                  "--config", str(REPOSITORY / "configs/diffusion.yaml")])  # fmt: skip
     assert code == 2
     assert "base_channels is 8 in the checkpoint but 32 in the config" in capsys.readouterr().err
+
+    # The probe config reads the newest diffusion checkpoint through its glob.
+    probe = ["--config", str(REPOSITORY / "configs/probe_diffusion.yaml"), *TINY_DATA,
+             "--model.init_args.features.init_args.checkpoint",
+             str(root / "diffusion" / "version_*" / "checkpoints" / "last.ckpt"),
+             "--model.init_args.features.init_args.timesteps", "[1, 10]"]  # fmt: skip
+    main(["fit", *probe, "--trainer.default_root_dir", str(root), "--trainer.max_epochs", "2"])
+    probe_run = root / "probe" / "version_0"
+    rows = (probe_run / "probe_results.csv").read_text().splitlines()
+    keys = len(load_diffusion(checkpoint).ema.block_names) * 2
+    assert len(rows) == 1 + keys and rows[0].startswith("layer,timestep,split,accuracy,macro_f1")
+    assert (probe_run / "probe_heatmap_val_acc.png").exists()
+    assert main(["features", "cluster", *probe, "--out", str(tmp_path / "clusters")]) == 0
+    clusters = (tmp_path / "clusters" / "clustering.csv").read_text().splitlines()
+    assert clusters[0] == "layer,timestep,nmi,ari,purity" and len(clusters) == 1 + keys
 
 
 def test_features_layers_from_a_config(capsys):
