@@ -303,8 +303,9 @@ class ProbeModule(L.LightningModule):
     def on_fit_end(self) -> None:
         if len(self.fusion_keys):
             self._fit_fusion()
-        self._write_results({"val": (self.val_acc, self.val_macro_f1, None)})
-        rank_zero_only(write_heatmaps)(self)
+        folder = self.output_dir()  # on every rank: finding the log folder is collective
+        self._write_results(folder, {"val": (self.val_acc, self.val_macro_f1, None)})
+        rank_zero_only(write_heatmaps)(self, folder)
 
     @torch.no_grad()
     def _fusion_inputs(self, x: torch.Tensor) -> torch.Tensor:
@@ -377,8 +378,9 @@ class ProbeModule(L.LightningModule):
             grid.reset()
         # The validation scores travel in the checkpoint: a test run's table has them too.
         rows = {"val": (self.val_acc, self.val_macro_f1, None)}
-        self._write_results(rows | {k: (v[0], v[1], v[2]) for k, v in results.items()})
-        rank_zero_only(write_test_reports)(self, results)
+        folder = self.output_dir()  # on every rank: finding the log folder is collective
+        self._write_results(folder, rows | {k: (v[0], v[1], v[2]) for k, v in results.items()})
+        rank_zero_only(write_test_reports)(self, results, folder)
 
     # -- outputs -------------------------------------------------------------------------------
     def output_dir(self) -> Path:
@@ -387,9 +389,9 @@ class ProbeModule(L.LightningModule):
         return folder
 
     @rank_zero_only
-    def _write_results(self, results: dict[str, tuple]) -> None:
+    def _write_results(self, folder: Path, results: dict[str, tuple]) -> None:
         """Add or replace the rows of ``results``' splits in ``probe_results.csv``."""
-        path = self.output_dir() / "probe_results.csv"
+        path = folder / "probe_results.csv"
         rows = []
         if path.exists():
             with open(path, newline="") as handle:

@@ -4,6 +4,7 @@ per-class F1 and the confusion matrix of the best key, and its features as a pro
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import matplotlib
@@ -44,8 +45,7 @@ def heatmap_figure(keys: list[FeatureKey], values: torch.Tensor, title: str) -> 
     return figure
 
 
-def write_heatmaps(module: ProbeModule) -> None:
-    folder = module.output_dir()
+def write_heatmaps(module: ProbeModule, folder: Path) -> None:
     writer = _writer(module)
     for metric in ("acc", "macro_f1"):
         values = getattr(module, f"val_{metric}")
@@ -70,11 +70,11 @@ def confusion_figure(matrix: torch.Tensor, class_names: list[str], title: str) -
     return figure
 
 
-def write_test_reports(module: ProbeModule, results: dict[str, tuple]) -> None:
+def write_test_reports(module: ProbeModule, results: dict[str, tuple], folder: Path) -> None:
     """Per-class F1 of the best key (CSV), its confusion matrices and projector embedding."""
     best = module.best_index
     layer, timestep = module.best_key
-    with open(module.output_dir() / "probe_per_class_f1.csv", "w", newline="") as handle:
+    with open(folder / "probe_per_class_f1.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["layer", "timestep", "split", "class", "f1"])
         for split, (_, _, per_class, _) in results.items():
