@@ -38,6 +38,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PYTHON) benchmarks/data_loading.py
 	$(PYTHON) benchmarks/synthetic_difficulty.py
+	$(PYTHON) benchmarks/probe_sweep.py
 
 tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir runs

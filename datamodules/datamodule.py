@@ -409,13 +409,12 @@ class PlanktonDataModule(L.LightningDataModule):
             batched_transform=transform is None,
         )
 
-    def _train_view(self) -> View:
-        """The training view the attached model asks for (its ``train_view`` method)."""
+    def _train_view(self) -> View | None:
+        """The training view the attached model asks for (its ``train_view`` method); None, the
+        batched evaluation view, when it has none or returns none."""
         module = self.trainer.lightning_module if self.trainer is not None else None
         make_view = getattr(module, "train_view", None)
-        if make_view is None:
-            return eval_view(self.image_size, self.channels)
-        return make_view(self.image_size, self.channels)
+        return make_view(self.image_size, self.channels) if make_view is not None else None
 
     def _loader(self, dataset: PlanktonImages, train: bool = False) -> DataLoader:
         sampler = None

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 from datamodules.cache import default_cache_dir
-from datamodules.views import View, diffusion_view, eval_view
+from datamodules.views import View, diffusion_view
 
 from .feature_cache import load_or_extract
 from .features import FeatureKey, FeatureSource
@@ -122,10 +122,11 @@ class ProbeModule(L.LightningModule):
         self._cached: dict[str, torch.Tensor] = {}
 
     # -- views and features --------------------------------------------------------------------
-    def train_view(self, image_size: int, channels: int) -> View:
+    def train_view(self, image_size: int, channels: int) -> View | None:
+        """Augmentation only for online probes that ask for it; otherwise the evaluation view."""
         if self.hparams.augment and self.hparams.mode == "online":
             return diffusion_view(image_size, channels)
-        return eval_view(image_size, channels)
+        return None
 
     @property
     def best_index(self) -> int:

@@ -164,3 +164,17 @@ def test_ddp_probe_matches_one_process(tmp_path):
     assert torch.allclose(one["weight"], two["weight"], atol=1e-4)
     assert torch.allclose(one["acc"], two["acc"], atol=0.03)
     assert torch.allclose(one["macro_f1"], two["macro_f1"], atol=0.03)
+
+
+def test_a_disk_too_small_for_the_feature_cache_is_a_clear_error(
+    planted_root, tmp_path, monkeypatch
+):
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    data = _data(planted_root, tmp_path)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10, 10, 100))
+    with pytest.raises(OSError, match="needs .* GiB but only .* GiB are free"):
+        load_or_extract(PlantedFeatures(), data.dataset("train"), tmp_path / "fc", progress=False)
+    assert not list((tmp_path / "fc").rglob("*.npy"))
