@@ -94,15 +94,9 @@ class DiffusionModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        # Every U-Net setting is a setting of this module under the same name.
         self.unet = UNet(
-            in_chans=in_chans,
-            image_size=image_size,
-            base_channels=base_channels,
-            channel_mult=tuple(channel_mult),
-            num_res_blocks=num_res_blocks,
-            attention_resolutions=tuple(attention_resolutions),
-            num_heads=num_heads,
-            dropout=dropout,
+            **{name: self.hparams[name] for name in inspect.signature(UNet).parameters}
         )
         self.ema = copy.deepcopy(self.unet).requires_grad_(False)
         self.schedule = NoiseSchedule(schedule, timesteps)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import glob
 import hashlib
+import inspect
 import json
 import os
 from collections.abc import Sequence
@@ -171,41 +172,40 @@ class DiffusionFeatures(FeatureSource):
     ) -> None:
         module = load_diffusion(latest_checkpoint(checkpoint))
         super().__init__()
+        unet = module.ema if weights == "ema" else module.unet
         self._build(
-            module.ema if weights == "ema" else module.unet,
-            module.schedule,
-            layers,
-            timesteps,
-            pooling,
-            pool_size,
-            noise_draws,
-            seed,
-            stack_timesteps,
-            micro_batch,
-        )
+            unet, module.schedule, layers, timesteps, pooling, pool_size, noise_draws, seed,
+            stack_timesteps, micro_batch,
+        )  # fmt: skip
 
     @classmethod
     def from_unet(
         cls, unet: UNet, schedule: NoiseSchedule, **settings: object
     ) -> DiffusionFeatures:
-        """A feature source over a U-Net in memory (settings as in ``__init__``)."""
+        """A feature source over a U-Net in memory; ``settings`` and their defaults are those of
+        ``__init__`` (without ``checkpoint`` and ``weights``)."""
+        defaults = {
+            name: parameter.default
+            for name, parameter in inspect.signature(cls.__init__).parameters.items()
+            if parameter.default is not inspect.Parameter.empty and name != "weights"
+        }
         source = cls.__new__(cls)
         FeatureSource.__init__(source)
-        source._build(unet, schedule, **settings)
+        source._build(unet, schedule, **(defaults | settings))
         return source
 
     def _build(
         self,
         unet: UNet,
         schedule: NoiseSchedule,
-        layers: Sequence[str | int] = ("dec.*",),
-        timesteps: Sequence[int] = (1, 5, 10, 25, 50, 100, 200, 400),
-        pooling: Pooling = "avg",
-        pool_size: int = 2,
-        noise_draws: int = 1,
-        seed: int = 0,
-        stack_timesteps: bool = False,
-        micro_batch: int = 16,
+        layers: Sequence[str | int],
+        timesteps: Sequence[int],
+        pooling: Pooling,
+        pool_size: int,
+        noise_draws: int,
+        seed: int,
+        stack_timesteps: bool,
+        micro_batch: int,
     ) -> None:
         schedule.check(list(timesteps))
         if noise_draws < 1:
