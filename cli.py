@@ -1,9 +1,12 @@
 """The ``plankton`` command: Lightning's ``fit``/``validate``/``test``/``predict`` plus the suite's
-own commands (``data synth``, ``data inspect``).
+own commands (``data``, ``diffusion``, ``features``).
 
-    plankton fit --config configs/supervised.yaml
+    plankton fit --config configs/diffusion.yaml
     plankton data synth --out data/synthetic --classes 12 --per-class 300
     plankton data inspect --root path/to/class_folders --json
+    plankton diffusion sample --checkpoint last.ckpt --n 64 --out grid.png
+    plankton features layers --checkpoint last.ckpt
+    plankton features cluster --config configs/probe_diffusion.yaml
 """
 
 from __future__ import annotations
@@ -37,6 +40,15 @@ SUITE_COMMANDS = {
 }
 
 
+# Settings every model of the suite receives from the data (and keeps in its checkpoint).
+DATA_TO_MODEL = [
+    ("num_classes", "num_classes"),
+    ("class_names", "class_names"),
+    ("channels", "in_chans"),
+    ("image_size", "image_size"),
+]
+
+
 class PlanktonCLI(LightningCLI):
     """LightningCLI over the one PlanktonDataModule and any LightningModule of the suite."""
 
@@ -53,16 +65,10 @@ class PlanktonCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The data decides the classes and the image format; every model receives them.
-        parser.link_arguments(
-            "data.num_classes", "model.init_args.num_classes", apply_on="instantiate"
-        )
-        parser.link_arguments(
-            "data.class_names", "model.init_args.class_names", apply_on="instantiate"
-        )
-        parser.link_arguments("data.channels", "model.init_args.in_chans", apply_on="instantiate")
-        parser.link_arguments(
-            "data.image_size", "model.init_args.image_size", apply_on="instantiate"
-        )
+        for data_setting, model_setting in DATA_TO_MODEL:
+            parser.link_arguments(
+                f"data.{data_setting}", f"model.init_args.{model_setting}", apply_on="instantiate"
+            )
 
     def before_instantiate_classes(self) -> None:
         """Name the default TensorBoard run after the model, under ``default_root_dir``."""
@@ -280,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in commands:
         try:
             return commands[argv[0]](argv[1:])
-        except (FileNotFoundError, FileExistsError, ValueError) as error:
+        except (OSError, ValueError) as error:  # bad paths, settings or disk space
             print(f"error: {error}", file=sys.stderr)
             return 2
     if argv and argv[0] in ("-h", "--help"):

@@ -1,7 +1,8 @@
 """Wall time of probing an L x T grid of frozen U-Net features, three ways in the same run.
 
-1. per pair: one probe per (layer, timestep), each re-running the backbone (truncated at its
-   layer) on every batch of every epoch;
+1. per pair: one probe per (layer, timestep), each re-running the whole backbone on every batch
+   of every epoch (a forward hook reads its layer, as a probe script without the suite's early
+   stop would; with the early stop, encoder pairs cost less, see ``--truncate-pairs``);
 2. shared forward (the DDAE way): one forward per timestep and batch feeds the heads of every
    layer, every epoch;
 3. ours: ProbeModule in cached mode, features extracted once (one forward per timestep and
@@ -45,11 +46,14 @@ def frozen_unet(image_size: int) -> DiffusionModule:
     return module
 
 
-def train_heads(source: DiffusionFeatures, data: PlanktonDataModule) -> dict:
-    """Linear heads for every key of ``source`` trained on features computed every batch (the
-    backbone runs each epoch); returns validation macro-F1 per key."""
+def train_heads(
+    source: DiffusionFeatures, data: PlanktonDataModule, keys: list | None = None
+) -> dict:
+    """Linear heads for ``keys`` (default: every key of ``source``) trained on features computed
+    every batch (the backbone runs each epoch); returns validation macro-F1 per key."""
+    keys = keys or source.keys
     dims = source.feature_dims()
-    heads = torch.nn.ModuleList(torch.nn.Linear(dims[key], data.num_classes) for key in source.keys)
+    heads = torch.nn.ModuleList(torch.nn.Linear(dims[key], data.num_classes) for key in keys)
     for head in heads:
         torch.nn.init.zeros_(head.weight)
         torch.nn.init.zeros_(head.bias)
@@ -63,21 +67,19 @@ def train_heads(source: DiffusionFeatures, data: PlanktonDataModule) -> dict:
             features = source(images, indices)
             loss = sum(
                 F.cross_entropy(head(features[key]), labels)
-                for head, key in zip(heads, source.keys, strict=True)
+                for head, key in zip(heads, keys, strict=True)
             )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    grid = GridConfusion(len(source.keys), data.num_classes)
+    grid = GridConfusion(len(keys), data.num_classes)
     with torch.no_grad():
         for images, labels, indices in DataLoader(data.dataset("val"), batch_size=256):
             features = source(images, indices)
-            preds = [
-                head(features[k]).argmax(-1) for head, k in zip(heads, source.keys, strict=True)
-            ]
+            preds = [head(features[k]).argmax(-1) for head, k in zip(heads, keys, strict=True)]
             grid.update(torch.stack(preds), labels)
     scores = grid_scores(grid.compute())["macro_f1"]
-    return dict(zip(source.keys, scores.tolist(), strict=True))
+    return dict(zip(keys, scores.tolist(), strict=True))
 
 
 def ours(module: DiffusionModule, data: PlanktonDataModule, cache_dir: str) -> dict:
@@ -103,9 +105,14 @@ def best(scores: dict) -> tuple:
 
 def main() -> None:
     parser = argument_parser("Probe-sweep wall time: per pair, shared forward, cached (ours).")
+    parser.add_argument(
+        "--truncate-pairs",
+        action="store_true",
+        help="per-pair probes stop the forward at their layer (the suite's early stop)",
+    )
     args = parser.parse_args()
-    per_class = 40 if args.quick else 120
-    measured_pairs = 4 if args.quick else len(LAYERS) * len(TIMESTEPS)
+    per_class = 30 if args.quick else 120
+    measured_pairs = 3 if args.quick else len(LAYERS) * len(TIMESTEPS)
     with work_dir(args.cache_dir) as root:
         spec = SyntheticPlankton(classes=8, per_class=per_class, imbalance=2.0, size=32)
         data = PlanktonDataModule(
@@ -132,11 +139,14 @@ def main() -> None:
         start = time.perf_counter()
         pair_scores = {}
         # Spread over the grid: encoder pairs stop early, decoder pairs run most of the U-Net.
+        last = module.ema.block_names[-1]
         for layer, t in pairs[:: len(pairs) // measured_pairs][:measured_pairs]:
+            # Asking for the last block too makes the forward run to the end.
+            layers = [layer] if args.truncate_pairs else list(dict.fromkeys([layer, last]))
             source = DiffusionFeatures.from_unet(
-                module.ema, module.schedule, layers=[layer], timesteps=[t]
+                module.ema, module.schedule, layers=layers, timesteps=[t]
             )
-            pair_scores |= train_heads(source, data)
+            pair_scores |= train_heads(source, data, keys=[(layer, t)])
         pair_s = (time.perf_counter() - start) * len(pairs) / measured_pairs
 
     same = best(ours_scores) == best(shared_scores)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import lightning as L
 import torch
+from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
@@ -27,3 +29,35 @@ def loggable(results: dict[str, torch.Tensor], prefix: str, class_names: list[st
         else:
             flat[f"{prefix}/{name}"] = value
     return flat
+
+
+class EvalSetClassifier(L.LightningModule):
+    """``test`` on the test split and every out-of-distribution set, and ``predict`` as class
+    probabilities, for any module whose ``classify(images)`` returns logits."""
+
+    class_names: list[str]
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _eval_set_names(self) -> list[str]:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        return datamodule.eval_set_names if datamodule is not None else ["test"]
+
+    def on_test_start(self) -> None:
+        self.test_metrics = nn.ModuleList(
+            classification_metrics(len(self.class_names)) for _ in self._eval_set_names()
+        ).to(self.device)
+
+    def test_step(self, batch: tuple, batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, labels, _ = batch
+        self.test_metrics[dataloader_idx].update(self.classify(images), labels)
+
+    def on_test_epoch_end(self) -> None:
+        for name, metrics in zip(self._eval_set_names(), self.test_metrics, strict=True):
+            # compute() already syncs across processes; sync_dist only averages equal values.
+            self.log_dict(loggable(metrics.compute(), name, self.class_names), sync_dist=True)
+            metrics.reset()
+
+    def predict_step(self, batch: tuple, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        return self.classify(batch[0]).softmax(dim=-1)

@@ -111,7 +111,8 @@ class ProbeModule(L.LightningModule):
         self.register_buffer("val_macro_f1", torch.zeros(heads))
         self.register_buffer("converged", torch.zeros(heads, dtype=torch.bool))
         self.register_buffer("previous_loss", torch.full((heads,), float("nan")))
-        top_k = min(fusion_top_k, heads) if fusion_top_k > 1 else 0
+        top_k = min(fusion_top_k, heads)
+        top_k = top_k if top_k > 1 else 0  # fusing one key is that key: nothing to report
         self.register_buffer("fusion_keys", torch.zeros(top_k, dtype=torch.long))
         self.fusion_weight = nn.Parameter(torch.zeros(top_k * width, num_classes), False)
         self.fusion_bias = nn.Parameter(torch.zeros(num_classes), False)

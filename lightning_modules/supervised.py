@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import timm
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from datamodules.views import View, supervised_view
 
-from .classification_metrics import classification_metrics, loggable
+from .classification_metrics import EvalSetClassifier, classification_metrics, loggable
 
 
-class SupervisedModule(L.LightningModule):
+class SupervisedModule(EvalSetClassifier):
     """Cross-entropy classifier on a timm backbone, with the suite's metrics on every eval set.
 
     Args:
@@ -54,7 +52,6 @@ class SupervisedModule(L.LightningModule):
         )
         self.register_buffer("class_weights", torch.ones(num_classes))
         self.val_metrics = classification_metrics(num_classes)
-        self.test_metrics = nn.ModuleList()
 
     def train_view(self, image_size: int, channels: int) -> View:
         return supervised_view(image_size, channels)
@@ -90,27 +87,8 @@ class SupervisedModule(L.LightningModule):
         self.log_dict(results, sync_dist=True)
         self.val_metrics.reset()
 
-    def on_test_start(self) -> None:
-        names = self._eval_set_names()
-        self.test_metrics = nn.ModuleList(
-            classification_metrics(self.hparams.num_classes) for _ in names
-        ).to(self.device)
-
-    def test_step(self, batch: tuple, batch_idx: int, dataloader_idx: int = 0) -> None:
-        images, labels, _ = batch
-        self.test_metrics[dataloader_idx].update(self(images), labels)
-
-    def on_test_epoch_end(self) -> None:
-        for name, metrics in zip(self._eval_set_names(), self.test_metrics, strict=True):
-            self.log_dict(loggable(metrics.compute(), name, self.class_names), sync_dist=True)
-            metrics.reset()
-
-    def predict_step(self, batch: tuple, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
-        return self(batch[0]).softmax(dim=-1)
-
-    def _eval_set_names(self) -> list[str]:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        return datamodule.eval_set_names if datamodule is not None else ["test"]
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        return self(images)
 
     def configure_optimizers(self) -> dict:
         global_batch = self.trainer.world_size * getattr(self.trainer.datamodule, "batch_size", 256)
