@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import timm
 import torch
 import torch.nn.functional as F
@@ -11,6 +9,7 @@ import torch.nn.functional as F
 from datamodules.views import View, supervised_view
 
 from .classification_metrics import EvalSetClassifier, classification_metrics, loggable
+from .schedules import warmup_cosine
 
 
 class SupervisedModule(EvalSetClassifier):
@@ -97,18 +96,4 @@ class SupervisedModule(EvalSetClassifier):
             lr=self.hparams.lr * global_batch / 256,
             weight_decay=self.hparams.weight_decay,
         )
-        total = max(1, self.trainer.estimated_stepping_batches)
-        warmup = min(
-            total - 1, self.hparams.warmup_epochs * total // max(1, self.trainer.max_epochs)
-        )
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return warmup_cosine(optimizer, self.trainer, self.hparams.warmup_epochs)
