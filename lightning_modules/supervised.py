@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import timm
 import torch
 import torch.nn.functional as F
 
 from datamodules.views import View, supervised_view
 
+from .backbones import create_backbone
 from .classification_metrics import EvalSetClassifier, classification_metrics, loggable
-from .schedules import warmup_cosine
+from .schedules import scaled_lr, warmup_cosine
 
 
 class SupervisedModule(EvalSetClassifier):
@@ -28,6 +28,8 @@ class SupervisedModule(EvalSetClassifier):
         warmup_epochs: linear warm-up before the cosine decay.
         label_smoothing: cross-entropy label smoothing.
         class_balanced_loss: weight the loss by inverse class frequency (long-tailed data).
+        small_input_stem: a 3x3 stride-1 stem without max-pool for small images (see
+            ``create_backbone``).
     """
 
     def __init__(
@@ -42,13 +44,12 @@ class SupervisedModule(EvalSetClassifier):
         warmup_epochs: int = 1,
         label_smoothing: float = 0.1,
         class_balanced_loss: bool = False,
+        small_input_stem: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.class_names = class_names or [str(i) for i in range(num_classes)]
-        self.model = timm.create_model(
-            backbone, pretrained=False, num_classes=num_classes, in_chans=in_chans
-        )
+        self.model = create_backbone(backbone, in_chans, num_classes, small_input_stem)
         self.register_buffer("class_weights", torch.ones(num_classes))
         self.val_metrics = classification_metrics(num_classes)
 
@@ -90,10 +91,9 @@ class SupervisedModule(EvalSetClassifier):
         return self(images)
 
     def configure_optimizers(self) -> dict:
-        global_batch = self.trainer.world_size * getattr(self.trainer.datamodule, "batch_size", 256)
         optimizer = torch.optim.AdamW(
             self.parameters(),
-            lr=self.hparams.lr * global_batch / 256,
+            lr=scaled_lr(self.trainer, self.hparams.lr),
             weight_decay=self.hparams.weight_decay,
         )
         return warmup_cosine(optimizer, self.trainer, self.hparams.warmup_epochs)

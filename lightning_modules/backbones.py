@@ -1,0 +1,31 @@
+"""The timm backbone every baseline shares, so supervised, SimCLR and DINO differ only in how
+they are trained."""
+
+from __future__ import annotations
+
+import timm
+from torch import nn
+
+
+def create_backbone(
+    name: str, in_chans: int, num_classes: int = 0, small_input_stem: bool = False
+) -> nn.Module:
+    """A timm model, never pretrained (nothing is downloaded); ``num_classes=0`` returns pooled
+    features.
+
+    ``small_input_stem`` swaps a ResNet's 7x7 stride-2 convolution and max-pool for one 3x3
+    stride-1 convolution (the CIFAR variant): the ImageNet stem shrinks a 32 px image to 1x1
+    before the last stage. It costs about 16x the compute at a given image size.
+    """
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    if small_input_stem:
+        if not isinstance(getattr(model, "conv1", None), nn.Conv2d) or not hasattr(
+            model, "maxpool"
+        ):
+            raise ValueError(
+                f"small_input_stem needs a ResNet-style backbone with conv1 and maxpool; "
+                f"{name!r} has neither: set small_input_stem: false"
+            )
+        model.conv1 = nn.Conv2d(in_chans, model.conv1.out_channels, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+    return model

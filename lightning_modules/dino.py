@@ -1,0 +1,92 @@
+"""``DINOModule``: self-distillation with lightly's DINO head, loss and momentum helpers."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from lightly.loss import DINOLoss
+from lightly.models.modules import DINOProjectionHead
+from lightly.models.utils import deactivate_requires_grad, update_momentum
+from lightly.utils.scheduler import cosine_schedule
+
+from datamodules.views import View, dino_view
+
+from .self_supervised import SelfSupervisedModule
+
+
+class DINOModule(SelfSupervisedModule):
+    """DINO (Caron et al. 2021) on a timm backbone; the teacher follows the student by momentum
+    on a cosine schedule and never receives gradients.
+
+    Args:
+        output_dim: DINO head output size (small defaults suit small images and CPUs).
+        hidden_dim: hidden size of the head.
+        bottleneck_dim: bottleneck size of the head.
+        n_local_views: local crops per image, besides the two global views.
+        momentum_start: teacher momentum at the first step, rising to 1 by a cosine schedule
+            (lower than ImageNet's 0.996: on small data DINO's loss stays flat otherwise).
+        warmup_teacher_temp_epochs: epochs of teacher-temperature warm-up.
+        freeze_last_layer: epochs during which the head's last layer is not updated.
+        **kwargs: the shared settings of ``SelfSupervisedModule``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: list[str] | None = None,
+        in_chans: int = 1,
+        image_size: int = 32,
+        backbone: str = "resnet18",
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        warmup_epochs: int = 1,
+        knn_k: int = 20,
+        small_input_stem: bool = False,
+        output_dim: int = 2048,
+        hidden_dim: int = 512,
+        bottleneck_dim: int = 128,
+        n_local_views: int = 2,
+        momentum_start: float = 0.99,
+        warmup_teacher_temp_epochs: int = 5,
+        freeze_last_layer: int = 1,
+    ) -> None:
+        super().__init__(
+            num_classes, class_names, in_chans, image_size, backbone, lr, weight_decay,
+            warmup_epochs, knn_k, small_input_stem,
+        )  # fmt: skip
+        self.save_hyperparameters()
+        dim = self.backbone.num_features
+        self.student_head = DINOProjectionHead(
+            dim, hidden_dim, bottleneck_dim, output_dim, freeze_last_layer=freeze_last_layer
+        )
+        self.teacher_backbone = copy.deepcopy(self.backbone)
+        self.teacher_head = DINOProjectionHead(dim, hidden_dim, bottleneck_dim, output_dim)
+        self.teacher_head.load_state_dict(self.student_head.state_dict())
+        deactivate_requires_grad(self.teacher_backbone)
+        deactivate_requires_grad(self.teacher_head)
+        self.criterion = DINOLoss(
+            output_dim=output_dim, warmup_teacher_temp_epochs=warmup_teacher_temp_epochs
+        )
+
+    def train_view(self, image_size: int, channels: int) -> View:
+        return dino_view(image_size, channels, self.hparams.n_local_views)
+
+    def momentum(self) -> float:
+        total = max(1, self.trainer.estimated_stepping_batches)
+        return cosine_schedule(self.global_step, total, self.hparams.momentum_start, 1.0)
+
+    def on_train_batch_start(self, batch: object, batch_idx: int) -> None:
+        momentum = self.momentum()
+        update_momentum(self.backbone, self.teacher_backbone, m=momentum)
+        update_momentum(self.student_head, self.teacher_head, m=momentum)
+
+    def ssl_step(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            teacher = [self.teacher_head(self.teacher_backbone(v)) for v in views[:2]]
+        features = [self.backbone(v) for v in views]
+        student = [self.student_head(f) for f in features]
+        return self.criterion(teacher, student, epoch=self.current_epoch), features[0]
+
+    def on_after_backward(self) -> None:
+        self.student_head.cancel_last_layer_gradients(current_epoch=self.current_epoch)

@@ -1,0 +1,98 @@
+"""What SimCLR and DINO share: a timm backbone trained without labels, an online linear classifier
+on detached features and a kNN monitor, both logged under fixed names so that a run can be judged
+before the offline probe (the lightly and solo-learn recipe)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from .backbones import create_backbone
+from .classification_metrics import EvalSetClassifier
+from .knn import KNNAccuracy
+from .schedules import scaled_lr, warmup_cosine
+
+
+class SelfSupervisedModule(EvalSetClassifier):
+    """Base of the self-supervised methods; a subclass implements ``ssl_step``.
+
+    Args:
+        num_classes: linked from the data (for the online classifier and the kNN monitor only).
+        class_names: linked from the data.
+        in_chans: linked from the data.
+        image_size: linked from the data.
+        backbone: a timm model name, never pretrained.
+        lr: AdamW learning rate for a global batch of 256, scaled linearly.
+        weight_decay: AdamW weight decay (none on the online classifier).
+        warmup_epochs: linear warm-up before the cosine decay.
+        knn_k: neighbours of the kNN monitor.
+        small_input_stem: a 3x3 stride-1 stem without max-pool for small images (see
+            ``create_backbone``).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: list[str] | None = None,
+        in_chans: int = 1,
+        image_size: int = 32,
+        backbone: str = "resnet18",
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        warmup_epochs: int = 1,
+        knn_k: int = 20,
+        small_input_stem: bool = False,
+    ) -> None:
+        super().__init__()
+        self.class_names = class_names or [str(i) for i in range(num_classes)]
+        self.backbone = create_backbone(backbone, in_chans, 0, small_input_stem)
+        self.online_classifier = nn.Linear(self.backbone.num_features, num_classes)
+        self.online_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self.knn = KNNAccuracy(num_classes, k=knn_k)
+
+    def ssl_step(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, backbone features of the first view)``."""
+        raise NotImplementedError
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        return self.online_classifier(self.backbone(images))
+
+    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+        views, labels, _ = batch
+        loss, features = self.ssl_step(views)
+        # Detached: the online classifier measures the features, it must not shape them.
+        online_loss = F.cross_entropy(self.online_classifier(features.detach()), labels)
+        self.knn.update(train_features=features, train_labels=labels)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/online_loss", online_loss)
+        return loss + online_loss
+
+    def validation_step(self, batch: tuple, batch_idx: int) -> None:
+        images, labels, _ = batch
+        features = self.backbone(images)
+        self.online_accuracy.update(self.online_classifier(features), labels)
+        self.knn.update(test_features=features, test_labels=labels)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/online_acc", self.online_accuracy.compute(), prog_bar=True, sync_dist=True)
+        self.log("val/knn_acc", self.knn.compute(), prog_bar=True, sync_dist=True)
+        self.online_accuracy.reset()
+        self.knn.reset()
+
+    def on_train_epoch_start(self) -> None:
+        self.knn.reset()  # the bank holds this epoch's features only
+
+    def configure_optimizers(self) -> dict:
+        classifier = set(self.online_classifier.parameters())
+        groups = [
+            {"params": [p for p in self.parameters() if p.requires_grad and p not in classifier]},
+            {"params": list(classifier), "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(
+            groups,
+            lr=scaled_lr(self.trainer, self.hparams.lr),
+            weight_decay=self.hparams.weight_decay,
+        )
+        return warmup_cosine(optimizer, self.trainer, self.hparams.warmup_epochs)

@@ -1,0 +1,135 @@
+import lightning as L
+import pytest
+import torch
+
+from datamodules import PlanktonDataModule
+from datamodules.views import eval_view
+from lightning_modules import DINOModule, SimCLRModule, SupervisedModule
+from lightning_modules.knn import KNNAccuracy
+
+SMALL = {"backbone": "resnet18", "image_size": 16, "in_chans": 1}
+
+
+@pytest.fixture
+def datamodule(tiny_spec):
+    return PlanktonDataModule(synthetic=tiny_spec, image_size=16, batch_size=16, progress=False)
+
+
+def _module(cls, data, **settings):
+    return cls(num_classes=data.num_classes, class_names=data.class_names, **SMALL, **settings)
+
+
+def _trainer(root, **settings):
+    settings.setdefault("max_epochs", 1)
+    return L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, default_root_dir=root, **settings,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("cls", [SimCLRModule, DINOModule, SupervisedModule])
+def test_fit_test_and_predict_from_a_checkpoint(cls, datamodule, tmp_path):
+    torch.manual_seed(0)
+    module = _module(cls, datamodule)
+    trainer = _trainer(tmp_path, fast_dev_run=True)
+    trainer.fit(module, datamodule)
+    checkpoint = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    restored = cls.load_from_checkpoint(checkpoint, weights_only=False)
+    tester = _trainer(tmp_path, limit_test_batches=2, limit_predict_batches=1)
+    results = tester.test(restored, datamodule)
+    assert set(results[0]) >= {"test/acc", "test/macro_f1"} or any("test/acc" in r for r in results)
+    probabilities = tester.predict(restored, datamodule)[0]
+    assert probabilities.shape[1] == datamodule.num_classes
+    assert torch.allclose(probabilities.sum(1), torch.ones(len(probabilities)), atol=1e-5)
+
+
+def _losses(module, data, steps):
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(trainer.callback_metrics["train/loss"].item())
+
+    _trainer(data.cache_dir, max_steps=steps, max_epochs=-1, limit_val_batches=0,
+             callbacks=[Record()]).fit(module, data)  # fmt: skip
+    return losses
+
+
+def test_supervised_loss_falls_over_a_few_dozen_steps(datamodule):
+    torch.manual_seed(0)
+    losses = _losses(_module(SupervisedModule, datamodule, lr=0.02), datamodule, 40)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.85 * first, (first, last)
+
+
+def test_simclr_loss_falls_over_a_few_dozen_steps(datamodule):
+    """The loss, projection head and optimiser learn. Mild views (the image and its mirror):
+    with the full augmentations, instance discrimination on 38 tiny images needs hundreds of
+    steps before the trend rises above the noise of the random crops."""
+    torch.manual_seed(0)
+    module = _module(SimCLRModule, datamodule, lr=0.02)
+    scaled = eval_view(16, 1)
+    module.train_view = lambda size, channels: lambda image: [scaled(image), scaled(image).flip(-1)]
+    losses = _losses(module, datamodule, 40)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.85 * first, (first, last)
+
+
+def test_online_classifier_sends_no_gradient_into_the_backbone(datamodule):
+    torch.manual_seed(0)
+    module = _module(SimCLRModule, datamodule)
+    images = torch.randn(4, 1, 16, 16)
+    batch = ([images, images.flip(-1)], torch.tensor([0, 1, 2, 3]), torch.arange(4))
+    module.training_step(batch, 0).backward()  # the SSL loss plus the online classifier's loss
+    with_online = [p.grad.clone() for p in module.backbone.parameters()]
+    assert module.online_classifier.weight.grad.abs().sum() > 0
+    module.zero_grad()
+    module.ssl_step(batch[0])[0].backward()  # the SSL loss alone
+    for combined, p in zip(with_online, module.backbone.parameters(), strict=True):
+        assert torch.allclose(combined, p.grad, atol=1e-6)
+
+
+def _parameters(module):
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def test_dino_teacher_gets_no_gradient_and_follows_the_momentum_formula(datamodule, tmp_path):
+    torch.manual_seed(0)
+    module = _module(DINOModule, datamodule, n_local_views=2)
+    assert not any(p.requires_grad for p in module.teacher_backbone.parameters())
+    assert not any(p.requires_grad for p in module.teacher_head.parameters())
+    snapshots = []
+
+    class Record(L.Callback):  # runs before the module's own hook, which updates the teacher
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            snapshots.append((
+                pl_module.momentum(),
+                _parameters(pl_module.teacher_backbone),
+                _parameters(pl_module.backbone),
+            ))  # fmt: skip
+
+    _trainer(tmp_path, max_steps=2, max_epochs=-1, limit_val_batches=0, callbacks=[Record()]).fit(
+        module, datamodule
+    )
+    (m, teacher, student), (_, teacher_after, _) = snapshots
+    assert 0.99 <= m < 1
+    for name, value in teacher_after.items():  # batch-norm statistics follow the teacher's input
+        expected = m * teacher[name] + (1 - m) * student[name]
+        assert torch.allclose(value, expected, atol=1e-6), name
+    assert all(p.grad is None for p in module.teacher_backbone.parameters())
+    assert all(p.grad is None for p in module.teacher_head.parameters())
+
+
+def test_knn_metric_classifies_planted_neighbours():
+    knn = KNNAccuracy(num_classes=2, k=3)
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    knn.update(train_features=bank, train_labels=torch.tensor([0, 0, 1, 1]))
+    knn.update(
+        test_features=torch.tensor([[1.0, 0.05], [0.05, 1.0]]), test_labels=torch.tensor([0, 1])
+    )
+    assert knn.compute() == 1.0
+    knn.update(test_features=torch.tensor([[1.0, 0.0]]), test_labels=torch.tensor([1]))
+    assert knn.compute() == pytest.approx(2 / 3)
+    knn.reset()
+    assert knn.compute() == 0.0
