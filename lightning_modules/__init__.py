@@ -2,7 +2,7 @@
 
 from .diffusion import DiffusionModule, load_diffusion
 from .dino import DINOModule
-from .features import DiffusionFeatures, FeatureSource
+from .features import DiffusionFeatures, EncoderFeatures, FeatureSource
 from .noise_schedule import NoiseSchedule
 from .probe import ProbeModule
 from .simclr import SimCLRModule
@@ -13,6 +13,7 @@ __all__ = [
     "DINOModule",
     "DiffusionFeatures",
     "DiffusionModule",
+    "EncoderFeatures",
     "FeatureSource",
     "NoiseSchedule",
     "ProbeModule",

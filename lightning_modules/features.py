@@ -1,4 +1,5 @@
-"""Frozen diffusion features: pooled U-Net activations at (layer, timestep) keys.
+"""Frozen features for probes: pooled U-Net activations at (layer, timestep) keys, and the
+embedding of a baseline encoder under a single key.
 
 One U-Net forward per timestep yields every requested layer (forward hooks on the named blocks),
 and the forward stops after the deepest block asked for, so probing encoder layers does not pay
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backbones import create_backbone
 from .diffusion import load_diffusion
 from .noise_schedule import NoiseSchedule
 from .per_image_noise import per_image_noise
@@ -107,13 +109,18 @@ def latest_checkpoint(pattern: str) -> str:
 
 
 class FeatureSource(nn.Module):
-    """Frozen features of images at one or several keys, for probes and clustering.
+    """Frozen features of images at one or several keys, for probes and clustering:
+    ``forward(images, indices)`` returns ``{key: (batch, features)}``.
 
-    A subclass sets ``keys`` and implements ``feature_dims``, ``settings`` and ``forward``;
-    ``fingerprint`` then names its features in the on-disk feature cache.
+    A subclass sets ``keys`` and ``micro_batch`` and implements ``feature_dims``, ``settings`` and
+    ``micro_batch_features``; ``fingerprint`` then names its features in the on-disk feature
+    cache. The backbone always runs on exactly ``micro_batch`` images (the last group padded with
+    copies): kernels pick their arithmetic by batch size, and a fixed size keeps an image's
+    features bit-identical whatever batch it arrives in.
     """
 
     keys: list[FeatureKey]
+    micro_batch: int
 
     def feature_dims(self) -> dict[FeatureKey, int]:
         raise NotImplementedError
@@ -122,12 +129,34 @@ class FeatureSource(nn.Module):
         """Everything besides the weights that decides the features."""
         raise NotImplementedError
 
+    def micro_batch_features(
+        self, images: torch.Tensor, indices: torch.Tensor
+    ) -> dict[FeatureKey, torch.Tensor]:
+        """Features of exactly ``micro_batch`` images."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def forward(
+        self, images: torch.Tensor, indices: torch.Tensor | Sequence[int]
+    ) -> dict[FeatureKey, torch.Tensor]:
+        indices = torch.as_tensor(indices)
+        parts = []
+        for start in range(0, len(images), self.micro_batch):
+            group = images[start : start + self.micro_batch]
+            group_indices = indices[start : start + self.micro_batch]
+            count, padding = len(group), self.micro_batch - len(group)
+            group = torch.cat([group, group[:1].expand(padding, *group.shape[1:])])
+            group_indices = torch.cat([group_indices, group_indices[:1].expand(padding)])
+            features = self.micro_batch_features(group, group_indices)
+            parts.append({key: value[:count] for key, value in features.items()})
+        return {key: torch.cat([part[key] for part in parts]) for key in self.keys}
+
     def fingerprint(self) -> str:
         """A hash of the weights and the settings: equal fingerprints give equal features."""
         digest = hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode())
         for name, tensor in sorted(self.state_dict().items()):
             digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()[:24]
 
     def train(self, mode: bool = True) -> FeatureSource:
@@ -151,9 +180,7 @@ class DiffusionFeatures(FeatureSource):
         seed: seed of the per-image noise.
         stack_timesteps: run all timesteps as one batch (faster on GPUs, more memory). Results
             equal the unstacked ones up to float rounding, not bit for bit.
-        micro_batch: the U-Net always runs on exactly this many images (the last group padded
-            with copies): kernels pick their arithmetic by batch size, and a fixed size keeps an
-            image's features bit-identical whatever batch it arrives in.
+        micro_batch: the U-Net always runs on exactly this many images (see ``FeatureSource``).
         weights: ``ema`` (default) or ``raw`` training weights.
     """
 
@@ -237,27 +264,9 @@ class DiffusionFeatures(FeatureSource):
         factor = {"avg": 1, "avg_std": 2, "adaptive": self.pool_size**2}[self.pooling]
         return {(layer, t): self.unet.info[layer].channels * factor for layer, t in self.keys}
 
-    @torch.no_grad()
-    def forward(
-        self, images: torch.Tensor, indices: torch.Tensor | Sequence[int]
-    ) -> dict[FeatureKey, torch.Tensor]:
-        indices = torch.as_tensor(indices)
-        parts = [
-            self._fixed_size_forward(
-                images[start : start + self.micro_batch], indices[start : start + self.micro_batch]
-            )
-            for start in range(0, len(images), self.micro_batch)
-        ]
-        return {key: torch.cat([part[key] for part in parts]) for key in self.keys}
-
-    def _fixed_size_forward(
+    def micro_batch_features(
         self, images: torch.Tensor, indices: torch.Tensor
     ) -> dict[FeatureKey, torch.Tensor]:
-        """Features of at most ``micro_batch`` images, computed on exactly that many."""
-        count = len(images)
-        padding = self.micro_batch - count
-        images = torch.cat([images, images[:1].expand(padding, *images.shape[1:])])
-        indices = torch.cat([indices, indices[:1].expand(padding)])
         sums: dict[FeatureKey, torch.Tensor] = {}
         for draw in range(self.noise_draws):
             noised, steps = [], []
@@ -276,6 +285,68 @@ class DiffusionFeatures(FeatureSource):
                     pooled = pool(h.float(), self.pooling, self.pool_size)
                     for chunk, t in zip(pooled.split(len(images)), group_timesteps, strict=True):
                         key = (layer, t)
-                        chunk = chunk[:count]
                         sums[key] = sums[key] + chunk if key in sums else chunk
         return {key: sums[key] / self.noise_draws for key in self.keys}
+
+
+class EncoderFeatures(FeatureSource):
+    """The pooled embedding of a frozen baseline encoder (``SupervisedModule``, ``SimCLRModule``
+    or ``DINOModule`` checkpoint) as a feature source with one key, ``("embedding", None)``, so
+    the baselines go through the same ProbeModule as the diffusion features.
+
+    Args:
+        checkpoint: a checkpoint path, or a glob pattern for the newest match; read with
+            ``weights_only=True``.
+        micro_batch: the encoder always runs on exactly this many images.
+        weights: which network of the checkpoint: ``auto`` takes DINO's teacher (the network
+            DINO evaluates) and otherwise the only backbone; ``student`` takes DINO's student.
+    """
+
+    KEY: FeatureKey = ("embedding", None)
+    # state-dict prefix of the backbone in each module, in the order ``auto`` prefers them
+    PREFIXES = {"teacher": "teacher_backbone.", "student": "backbone.", "supervised": "model."}
+
+    def __init__(
+        self,
+        checkpoint: str,
+        micro_batch: int = 16,
+        weights: Literal["auto", "student"] = "auto",
+    ) -> None:
+        super().__init__()
+        path = latest_checkpoint(checkpoint)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        settings = saved.get("hyper_parameters", {})
+        state = saved.get("state_dict", {})
+        names = ["student"] if weights == "student" else list(self.PREFIXES)
+        prefix = next(
+            (self.PREFIXES[n] for n in names if any(k.startswith(self.PREFIXES[n]) for k in state)),
+            None,
+        )
+        if prefix is None or "backbone" not in settings:
+            raise ValueError(
+                f"{path} is not a SupervisedModule, SimCLRModule or DINOModule checkpoint; "
+                "diffusion checkpoints go to DiffusionFeatures"
+            )
+        self.encoder = create_backbone(
+            settings["backbone"], settings["in_chans"], 0, settings.get("small_input_stem", False)
+        )
+        backbone = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        wanted = self.encoder.state_dict()  # the supervised classifier is not in the embedding
+        self.encoder.load_state_dict({k: v for k, v in backbone.items() if k in wanted})
+        self.encoder.eval().requires_grad_(False)
+        self.backbone_name, self.network = settings["backbone"], prefix.removesuffix(".")
+        self.micro_batch = micro_batch
+        self.keys = [self.KEY]
+
+    def settings(self) -> dict:
+        return {"source": "encoder", "backbone": self.backbone_name, "network": self.network}
+
+    def feature_dims(self) -> dict[FeatureKey, int]:
+        return {self.KEY: self.encoder.num_features}
+
+    def micro_batch_features(
+        self, images: torch.Tensor, indices: torch.Tensor
+    ) -> dict[FeatureKey, torch.Tensor]:
+        return {self.KEY: self.encoder(images).float()}

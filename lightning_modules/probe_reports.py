@@ -46,6 +46,8 @@ def heatmap_figure(keys: list[FeatureKey], values: torch.Tensor, title: str) -> 
 
 
 def write_heatmaps(module: ProbeModule, folder: Path) -> None:
+    if len(module.keys) == 1:  # an encoder's single embedding: the CSV says it all
+        return
     writer = _writer(module)
     for metric in ("acc", "macro_f1"):
         values = getattr(module, f"val_{metric}")

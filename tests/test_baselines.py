@@ -4,7 +4,7 @@ import torch
 
 from datamodules import PlanktonDataModule
 from datamodules.views import eval_view
-from lightning_modules import DINOModule, SimCLRModule, SupervisedModule
+from lightning_modules import DINOModule, EncoderFeatures, SimCLRModule, SupervisedModule
 from lightning_modules.knn import KNNAccuracy
 
 SMALL = {"backbone": "resnet18", "image_size": 16, "in_chans": 1}
@@ -133,3 +133,52 @@ def test_knn_metric_classifies_planted_neighbours():
     assert knn.compute() == pytest.approx(2 / 3)
     knn.reset()
     assert knn.compute() == 0.0
+
+
+@pytest.fixture
+def trained(datamodule, tmp_path):
+    """A checkpoint of each baseline after one fast_dev_run step."""
+
+    def fit(cls):
+        torch.manual_seed(0)
+        module = _module(cls, datamodule)
+        trainer = _trainer(tmp_path, fast_dev_run=True)
+        trainer.fit(module, datamodule)
+        path = tmp_path / f"{cls.__name__}.ckpt"
+        trainer.save_checkpoint(path)
+        return module.eval(), path
+
+    return fit
+
+
+def test_encoder_features_are_the_embedding_bit_identical_in_any_batch(trained):
+    module, path = trained(SupervisedModule)
+    source = EncoderFeatures(str(path), micro_batch=4)
+    assert source.keys == [("embedding", None)]
+    images = torch.randn(6, 1, 16, 16)
+    features = source(images, torch.arange(6))[("embedding", None)]
+    expected = module.model.forward_head(module.model.forward_features(images), pre_logits=True)
+    assert features.shape == (6, source.feature_dims()[("embedding", None)])
+    assert torch.allclose(features, expected, atol=1e-5)
+    alone = source(images[3:4], torch.arange(3, 4))[("embedding", None)]
+    assert torch.equal(alone[0], features[3])
+    assert source.fingerprint() == EncoderFeatures(str(path)).fingerprint()
+
+
+def test_dino_encoder_features_default_to_the_teacher(trained):
+    module, path = trained(DINOModule)
+    images = torch.randn(4, 1, 16, 16)
+    teacher = EncoderFeatures(str(path))(images, torch.arange(4))[("embedding", None)]
+    student = EncoderFeatures(str(path), weights="student")(images, torch.arange(4))
+    assert torch.allclose(teacher, module.teacher_backbone(images), atol=1e-5)
+    assert torch.allclose(student[("embedding", None)], module.backbone(images), atol=1e-5)
+    assert not torch.allclose(teacher, student[("embedding", None)])
+
+
+def test_encoder_features_refuse_a_checkpoint_of_another_kind(tmp_path):
+    path = tmp_path / "diffusion.ckpt"
+    torch.save({"hyper_parameters": {"base_channels": 8}, "state_dict": {}}, path)
+    with pytest.raises(ValueError, match="diffusion checkpoints go to DiffusionFeatures"):
+        EncoderFeatures(str(path))
+    with pytest.raises(FileNotFoundError, match="no checkpoint matches"):
+        EncoderFeatures(str(tmp_path / "missing" / "*.ckpt"))

@@ -111,6 +111,13 @@ def test_fit_test_predict_through_the_cli(tmp_path):
         assert 0 <= metrics[f"{eval_set}/acc"] <= 1 and 0 <= metrics[f"{eval_set}/macro_f1"] <= 1
     main(["predict", *common, "--ckpt_path", str(checkpoint)])
 
+    # The same model, frozen and linear-probed through the probe path every method shares.
+    main(["fit", "--config", str(REPOSITORY / "configs/probe_encoder.yaml"), *TINY_DATA,
+          "--trainer.default_root_dir", str(root), "--trainer.max_epochs", "2",
+          "--model.init_args.features.init_args.checkpoint", str(checkpoint)])  # fmt: skip
+    rows = (root / "probe" / "version_0" / "probe_results.csv").read_text().splitlines()
+    assert rows[1].startswith("embedding,,val,")
+
 
 def test_diffusion_fit_sample_and_layers_through_the_cli(tmp_path, capsys):
     from PIL import Image
