@@ -37,7 +37,8 @@ class KNNAccuracy(Metric):
             self.test_labels.append(test_labels.detach())
 
     def compute(self) -> torch.Tensor:
-        if not self.train_features or not self.test_features:
+        # Lists of batches, or one tensor each once synced across processes.
+        if len(self.train_features) == 0 or len(self.test_features) == 0:
             return torch.tensor(0.0, device=self.device)
         bank, bank_labels = dim_zero_cat(self.train_features), dim_zero_cat(self.train_labels)
         queries, labels = dim_zero_cat(self.test_features), dim_zero_cat(self.test_labels)

@@ -1,6 +1,11 @@
+import os
+import subprocess
+import sys
+
 import lightning as L
 import pytest
 import torch
+from conftest import REPOSITORY
 
 from datamodules import PlanktonDataModule
 from datamodules.views import eval_view
@@ -182,3 +187,23 @@ def test_encoder_features_refuse_a_checkpoint_of_another_kind(tmp_path):
         EncoderFeatures(str(path))
     with pytest.raises(FileNotFoundError, match="no checkpoint matches"):
         EncoderFeatures(str(tmp_path / "missing" / "*.ckpt"))
+
+
+@pytest.mark.parametrize("method", ["supervised", "simclr"])
+def test_ddp_fit_on_two_processes_keeps_ranks_in_step(method, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPOSITORY / "tests" / "ddp_baseline_fit.py"), method, str(tmp_path)],
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["step"] == ranks[1]["step"] > 0
+    for name, value in ranks[0]["weights"].items():
+        assert torch.equal(value, ranks[1]["weights"][name]), name
+    assert ranks[0]["metrics"] and ranks[0]["metrics"] == ranks[1]["metrics"]  # synced
+    if method == "simclr":  # negatives gathered from both ranks: the loss of the global batch
+        assert ranks[0]["mean_rank_loss"] == pytest.approx(ranks[0]["global_batch_loss"], abs=1e-5)
