@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PYTHON) benchmarks/data_loading.py
 	$(PYTHON) benchmarks/synthetic_difficulty.py
 	$(PYTHON) benchmarks/probe_sweep.py
+	$(PYTHON) benchmarks/training_throughput.py
 
 tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir runs
