@@ -58,10 +58,17 @@ class DINOModule(SelfSupervisedModule):
         self.save_hyperparameters()
         dim = self.backbone.num_features
         self.student_head = DINOProjectionHead(
-            dim, hidden_dim, bottleneck_dim, output_dim, freeze_last_layer=freeze_last_layer
+            dim,
+            hidden_dim,
+            bottleneck_dim,
+            output_dim,
+            batch_norm=True,
+            freeze_last_layer=freeze_last_layer,
         )
         self.teacher_backbone = copy.deepcopy(self.backbone)
-        self.teacher_head = DINOProjectionHead(dim, hidden_dim, bottleneck_dim, output_dim)
+        self.teacher_head = DINOProjectionHead(
+            dim, hidden_dim, bottleneck_dim, output_dim, batch_norm=True
+        )
         self.teacher_head.load_state_dict(self.student_head.state_dict())
         deactivate_requires_grad(self.teacher_backbone)
         deactivate_requires_grad(self.teacher_head)
@@ -83,10 +90,17 @@ class DINOModule(SelfSupervisedModule):
 
     def ssl_step(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            teacher = [self.teacher_head(self.teacher_backbone(v)) for v in views[:2]]
-        features = [self.backbone(v) for v in views]
-        student = [self.student_head(f) for f in features]
-        return self.criterion(teacher, student, epoch=self.current_epoch), features[0]
+            teacher_features = [self.teacher_backbone(v) for v in views[:2]]
+        features = [self.backbone(v) for v in views[:2]]
+        # Local crops, the heads and the loss in float32: under bf16-mixed, the local crops
+        # (1x1 maps in the last stages) gave NaN gradients within a few dozen steps.
+        with torch.autocast(self.device.type, enabled=False):
+            features += [self.backbone(v.float()) for v in views[2:]]
+            with torch.no_grad():
+                teacher = [self.teacher_head(f.float()) for f in teacher_features]
+            student = [self.student_head(f.float()) for f in features]
+            loss = self.criterion(teacher, student, epoch=self.current_epoch)
+        return loss, features[0]
 
     def on_after_backward(self) -> None:
         self.student_head.cancel_last_layer_gradients(current_epoch=self.current_epoch)

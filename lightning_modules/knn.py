@@ -36,10 +36,13 @@ class KNNAccuracy(Metric):
             self.test_features.append(F.normalize(test_features.detach().float(), dim=1))
             self.test_labels.append(test_labels.detach())
 
+    def has_bank(self) -> bool:
+        """Whether training features were added since the last reset."""
+        return len(self.train_features) > 0  # a list of batches, or one tensor once synced
+
     def compute(self) -> torch.Tensor:
-        # Lists of batches, or one tensor each once synced across processes.
-        if len(self.train_features) == 0 or len(self.test_features) == 0:
-            return torch.tensor(0.0, device=self.device)
+        if not self.has_bank() or len(self.test_features) == 0:
+            raise RuntimeError("KNNAccuracy needs train_* and test_* features before compute()")
         bank, bank_labels = dim_zero_cat(self.train_features), dim_zero_cat(self.train_labels)
         queries, labels = dim_zero_cat(self.test_features), dim_zero_cat(self.test_labels)
         similarity, neighbours = (queries @ bank.T).topk(min(self.k, len(bank)), dim=1)

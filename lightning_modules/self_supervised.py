@@ -77,7 +77,8 @@ class SelfSupervisedModule(EvalSetClassifier):
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/online_acc", self.online_accuracy.compute(), prog_bar=True, sync_dist=True)
-        self.log("val/knn_acc", self.knn.compute(), prog_bar=True, sync_dist=True)
+        if self.knn.has_bank():  # only in fit: a bare validate has trained on nothing
+            self.log("val/knn_acc", self.knn.compute(), prog_bar=True, sync_dist=True)
         self.online_accuracy.reset()
         self.knn.reset()
 

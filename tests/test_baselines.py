@@ -137,7 +137,9 @@ def test_knn_metric_classifies_planted_neighbours():
     knn.update(test_features=torch.tensor([[1.0, 0.0]]), test_labels=torch.tensor([1]))
     assert knn.compute() == pytest.approx(2 / 3)
     knn.reset()
-    assert knn.compute() == 0.0
+    assert not knn.has_bank()
+    with pytest.raises(RuntimeError, match="needs train"):
+        knn.compute()
 
 
 @pytest.fixture
