@@ -66,6 +66,7 @@ class DINOModule(SelfSupervisedModule):
             freeze_last_layer=freeze_last_layer,
         )
         self.teacher_backbone = copy.deepcopy(self.backbone)
+        # Built, not deep-copied: the head's weight norm cannot be deep-copied after a forward.
         self.teacher_head = DINOProjectionHead(
             dim, hidden_dim, bottleneck_dim, output_dim, batch_norm=True
         )
