@@ -15,6 +15,7 @@ import argparse
 import csv
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -37,6 +38,9 @@ SUITE_COMMANDS = {
     "data": "synthesise or inspect a dataset",
     "diffusion": "sample images from a diffusion checkpoint",
     "features": "list the U-Net blocks, or cluster frozen features at every key",
+    "experiment": "run the whole protocol (data, pretraining, probes, clustering, report)",
+    "report": "rebuild an experiment's report from its run folder",
+    "classify": "classify a folder of new images: top-k labels and an abundance table",
 }
 
 
@@ -220,7 +224,7 @@ def cluster_command(args: argparse.Namespace, overrides: list[str]) -> int:
         figure.savefig(out / f"clustering_{score}.png", dpi=120)
         plt.close(figure)
     best = max(rows, key=lambda row: row["nmi"])
-    where = f"{best['layer']} t={best['timestep']}"
+    where = best["layer"] + (f" t={best['timestep']}" if best["timestep"] != "" else "")
     print(f"wrote {out / 'clustering.csv'}; best NMI {best['nmi']:.3f} at {where}")
     return 0
 
@@ -279,11 +283,71 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def experiment_command(argv: list[str]) -> int:
+    from workflows.experiment import STAGES, Experiment, ExperimentRunner
+
+    parser = argparse.ArgumentParser(
+        prog="plankton experiment", description=SUITE_COMMANDS["experiment"]
+    )
+    parser.add_argument(
+        "--config", required=True, help="an experiment config (configs/experiments)"
+    )
+    parser.add_argument("--out", help="run folder (default: runs/<name of the experiment>)")
+    parser.add_argument("--force", choices=STAGES, help="redo this stage and every later one")
+    args = parser.parse_args(argv)
+    experiment = Experiment.from_file(args.config)
+    out = Path(args.out or Path("runs") / experiment.name)
+    report = ExperimentRunner(experiment, out).run(force=args.force)
+    print(f"wrote {report}")
+    return 0
+
+
+def report_command(argv: list[str]) -> int:
+    from workflows.report import build_report
+
+    parser = argparse.ArgumentParser(prog="plankton report", description=SUITE_COMMANDS["report"])
+    parser.add_argument("run_dir", help="the --out folder of plankton experiment")
+    print(f"wrote {build_report(parser.parse_args(argv).run_dir)}")
+    return 0
+
+
+def classify_command(argv: list[str]) -> int:
+    from workflows.classify import classify_folder
+
+    parser = argparse.ArgumentParser(
+        prog="plankton classify", description=SUITE_COMMANDS["classify"]
+    )
+    parser.add_argument("--checkpoint", required=True, help="a supervised or probe checkpoint")
+    parser.add_argument("--images", required=True, help="a folder of images (subfolders too)")
+    parser.add_argument("--out", default="predictions.csv", help="CSV of the predictions")
+    parser.add_argument("--top-k", type=int, default=3, help="labels per image")
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args(argv)
+    summary = classify_folder(args.checkpoint, args.images, args.out, args.top_k, args.batch_size)
+    outputs = summary["outputs"]
+    print(f"classified {summary['images']} images on {summary['device']}: {outputs['predictions']}")
+    print(f"abundance table: {outputs['counts']}")
+    for name, count in list(summary["counts"].items())[:10]:
+        print(f"  {name:<40} {count}")
+    if summary["skipped"]:
+        print(f"{summary['skipped']} unreadable files listed in {outputs['skipped']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from_console = argv is None
     argv = sys.argv[1:] if from_console else list(argv)
-    commands = {"data": data_command, "diffusion": diffusion_command, "features": features_command}
+    commands = {
+        "data": data_command,
+        "diffusion": diffusion_command,
+        "features": features_command,
+        "experiment": experiment_command,
+        "report": report_command,
+        "classify": classify_command,
+    }
     if argv and argv[0] in commands:
+        # Suite commands build Lightning CLIs from their own arguments, not from sys.argv.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         try:
             return commands[argv[0]](argv[1:])
         except (OSError, ValueError) as error:  # bad paths, settings or disk space

@@ -121,6 +121,9 @@ class FeatureSource(nn.Module):
 
     keys: list[FeatureKey]
     micro_batch: int
+    # The constructor arguments that rebuild this source from its checkpoint (plain values, the
+    # glob resolved), stored in probe checkpoints; None for a source built from objects in memory.
+    init_args: dict | None = None
 
     def feature_dims(self) -> dict[FeatureKey, int]:
         raise NotImplementedError
@@ -197,13 +200,20 @@ class DiffusionFeatures(FeatureSource):
         micro_batch: int = 16,
         weights: Literal["ema", "raw"] = "ema",
     ) -> None:
-        module = load_diffusion(latest_checkpoint(checkpoint))
+        path = latest_checkpoint(checkpoint)
+        module = load_diffusion(path)
         super().__init__()
         unet = module.ema if weights == "ema" else module.unet
         self._build(
             unet, module.schedule, layers, timesteps, pooling, pool_size, noise_draws, seed,
             stack_timesteps, micro_batch,
         )  # fmt: skip
+        self.init_args = {
+            "checkpoint": os.path.abspath(path), "layers": list(layers),
+            "timesteps": [int(t) for t in timesteps], "pooling": pooling, "pool_size": pool_size,
+            "noise_draws": noise_draws, "seed": seed, "stack_timesteps": stack_timesteps,
+            "micro_batch": micro_batch, "weights": weights,
+        }  # fmt: skip
 
     @classmethod
     def from_unet(
@@ -339,6 +349,11 @@ class EncoderFeatures(FeatureSource):
         self.backbone_name, self.network = settings["backbone"], prefix.removesuffix(".")
         self.micro_batch = micro_batch
         self.keys = [self.KEY]
+        self.init_args = {
+            "checkpoint": os.path.abspath(path),
+            "micro_batch": micro_batch,
+            "weights": weights,
+        }
 
     def settings(self) -> dict:
         return {"source": "encoder", "backbone": self.backbone_name, "network": self.network}

@@ -384,6 +384,33 @@ class ProbeModule(L.LightningModule):
         self._write_results(folder, rows | {k: (v[0], v[1], v[2]) for k, v in results.items()})
         rank_zero_only(write_test_reports)(self, results, folder)
 
+    # -- classifying new images ----------------------------------------------------------------
+    def classify(self, images: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``(batch, classes)`` of the validation-selected key for new images.
+
+        New images have no rows in a split, so their features come from the online path (never
+        the feature cache) and go through the test-time normalisation. ``indices`` key the
+        per-image diffusion noise; by default the images' positions in the batch.
+        """
+        if indices is None:
+            indices = torch.arange(len(images))
+        stacked = self._stack(self.features(images, indices))
+        return self.logits(stacked.to(self.device, torch.float32).transpose(0, 1))[self.best_index]
+
+    def predict_step(self, batch: tuple, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """Class probabilities of the best key; the batch's split indices key the noise, as in
+        the feature cache, so an image gets the features it had in ``test``."""
+        return self.classify(batch[0], batch[2]).softmax(dim=-1)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """How to rebuild the feature source, so ``plankton classify`` can read the probe alone
+        (plain values only: the checkpoint stays readable with ``weights_only=True``)."""
+        if self.features.init_args is not None:
+            checkpoint["feature_source"] = {
+                "class_path": f"lightning_modules.{type(self.features).__name__}",
+                "init_args": dict(self.features.init_args),
+            }
+
     # -- outputs -------------------------------------------------------------------------------
     def output_dir(self) -> Path:
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)

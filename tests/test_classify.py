@@ -1,0 +1,251 @@
+import csv
+from collections import Counter
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from datamodules import PlanktonDataModule, Preprocessing, SyntheticPlankton
+from datamodules.cache import load_or_build
+from datamodules.sources import scan_class_folders
+from datamodules.synthetic import write_dataset
+from datamodules.views import eval_view
+from lightning_modules import (
+    DiffusionFeatures,
+    DiffusionModule,
+    EncoderFeatures,
+    ProbeModule,
+    SimCLRModule,
+    SupervisedModule,
+    load_diffusion,
+)
+from workflows.classify import ClassifierSettings, classify_folder, load_classifier
+
+# The spec of the ``tiny_spec`` fixture: the data are shared with the other test files.
+SPEC = SyntheticPlankton(classes=4, per_class=24, imbalance=4.0, size=32, seed=3)
+TINY_UNET = {
+    "image_size": 16, "base_channels": 8, "channel_mult": (1, 2), "attention_resolutions": (8,),
+    "num_heads": 2, "timesteps": 50, "val_timesteps": (5,), "sample_every_n_epochs": 0,
+}  # fmt: skip
+
+
+# classify_folder's results are compared with CPU computations; "cuda" checks the GPU path.
+DEVICE = "cpu"
+
+
+def _trainer(root, **settings):
+    settings.setdefault("max_epochs", 1)
+    return L.Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=root, **settings,
+    )  # fmt: skip
+
+
+# Module-scoped fixtures run before the autouse cache fixture: every cache folder is explicit.
+@pytest.fixture(scope="module")
+def data(session_cache):
+    return PlanktonDataModule(
+        synthetic=SPEC, image_size=16, batch_size=16, cache_dir=str(session_cache), progress=False
+    )
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    """A new sample: class folders from the generator (recursion), one corrupt PNG, and files
+    that are not images (the manifest, notes) which must be ignored, not listed."""
+    root = tmp_path_factory.mktemp("sample") / "station_7"
+    spec = SyntheticPlankton(classes=4, per_class=6, imbalance=2.0, size=32, seed=11)
+    write_dataset(spec, root, progress=False)
+    (root / "night" / "broken").mkdir(parents=True)
+    (root / "night" / "broken" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (root / "notes.txt").write_text("CTD cast 7")
+    return root
+
+
+@pytest.fixture(scope="module")
+def supervised(data, tmp_path_factory):
+    torch.manual_seed(0)
+    module = SupervisedModule(
+        num_classes=data.num_classes, class_names=data.class_names, backbone="resnet10t",
+        image_size=16, in_chans=1,
+    )  # fmt: skip
+    root = tmp_path_factory.mktemp("supervised")
+    trainer = _trainer(root, fast_dev_run=True)
+    trainer.fit(module, data)
+    path = root / "supervised.ckpt"
+    trainer.save_checkpoint(path)
+    return module.eval(), path
+
+
+@pytest.fixture(scope="module")
+def diffusion_checkpoint(tmp_path_factory):
+    """An untrained tiny U-Net, saved as a checkpoint holds it (training adds only time here)."""
+    torch.manual_seed(0)
+    module = DiffusionModule(**TINY_UNET)
+    path = tmp_path_factory.mktemp("diffusion") / "diffusion.ckpt"
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
+    return path
+
+
+def _fit_probe(features, data, root):
+    torch.manual_seed(0)
+    probe = ProbeModule(
+        features, num_classes=data.num_classes, class_names=data.class_names, in_chans=1,
+        image_size=16, mode="cached", lr=0.05, cache_dir=str(root / "cache"),
+    )  # fmt: skip
+    trainer = _trainer(root, max_epochs=2)
+    trainer.fit(probe, data)
+    path = root / "probe.ckpt"
+    trainer.save_checkpoint(path)
+    return probe.eval(), path
+
+
+@pytest.fixture(scope="module")
+def encoder_probe(supervised, data, tmp_path_factory):
+    # A glob, as in configs/probe_encoder.yaml: the checkpoint must record the file it matched.
+    features = EncoderFeatures(str(supervised[1].parent / "*.ckpt"))
+    return (*_fit_probe(features, data, tmp_path_factory.mktemp("encoder_probe")), supervised[1])
+
+
+@pytest.fixture(scope="module")
+def diffusion_probe(diffusion_checkpoint, data, tmp_path_factory):
+    features = DiffusionFeatures(
+        str(diffusion_checkpoint), layers=["enc.0.*"], timesteps=(1, 10), micro_batch=8
+    )
+    probe, path = _fit_probe(features, data, tmp_path_factory.mktemp("diffusion_probe"))
+    return probe, path, diffusion_checkpoint
+
+
+def _read(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _independently_preprocessed(sample, tmp_path):
+    """The sample through the datamodule's scan and image cache, as a training set would be."""
+    records = scan_class_folders(sample).records
+    cached = load_or_build(records, Preprocessing(16, 1), tmp_path / "cache", "s", progress=False)
+    names = [r.path.relative_to(sample).as_posix() for r in records]
+    readable = [name for name, ok in zip(names, cached.readable, strict=True) if ok]
+    images = eval_view(16, 1)(torch.from_numpy(np.array(cached.images[cached.readable])))
+    return readable, images, cached.failed
+
+
+def test_a_supervised_checkpoint_classifies_a_folder(supervised, sample, tmp_path):
+    module, checkpoint = supervised
+    classes = module.class_names
+    out = tmp_path / "results" / "predictions.csv"
+    summary = classify_folder(checkpoint, sample, out, top_k=10, batch_size=7, device=DEVICE)
+
+    readable, images, failed = _independently_preprocessed(sample, tmp_path)
+    with torch.no_grad():
+        probabilities = module.classify(images).softmax(-1)
+    assert torch.allclose(probabilities.sum(-1), torch.ones(len(images)), atol=1e-5)
+    rows = {row["path"]: row for row in _read(out)}
+    assert list(rows) == sorted(readable)  # every readable image, recursively, in path order
+    assert [rows[name]["label_1"] for name in readable] == [
+        classes[i] for i in probabilities.argmax(-1)
+    ]
+    for name, expected in zip(readable, probabilities, strict=True):
+        # top_k=10 is clamped to the 4 classes: each row holds the whole distribution.
+        values = [float(rows[name][f"prob_{i}"]) for i in range(1, 5)]
+        assert values == sorted(values, reverse=True)
+        assert sum(values) == pytest.approx(1.0, abs=5e-4)
+        assert values == pytest.approx(expected.sort(descending=True).values.tolist(), abs=2e-4)
+        assert {rows[name][f"label_{i}"] for i in range(1, 5)} == set(classes)
+    assert "label_5" not in next(iter(rows.values())) and summary["top_k"] == 4
+
+    skipped = _read(out.with_name("predictions_skipped.csv"))
+    assert [s["path"] for s in skipped] == ["night/broken/corrupt.png"]
+    assert skipped[0]["reason"] == failed[0].reason  # the datamodule's own reason
+
+    counts = _read(out.with_name("predictions_counts.csv"))
+    assert [c["class"] for c in counts] == list(summary["counts"])
+    assert sorted(c["class"] for c in counts) == sorted(classes)  # zero-count classes included
+    numbers = [int(c["count"]) for c in counts]
+    assert numbers == sorted(numbers, reverse=True) and sum(numbers) == len(readable)
+    top1 = Counter(row["label_1"] for row in rows.values())
+    assert {c["class"]: int(c["count"]) for c in counts} == {c: top1[c] for c in classes}
+    assert float(counts[0]["fraction"]) == pytest.approx(numbers[0] / len(readable), abs=1e-4)
+    assert summary["images"] == len(readable) and summary["skipped"] == 1
+
+
+@pytest.mark.parametrize("kind", ["encoder", "diffusion"])
+def test_a_probe_checkpoint_reloads_with_the_test_time_predictions(
+    kind, request, data, sample, tmp_path
+):
+    probe, checkpoint, backbone = request.getfixturevalue(f"{kind}_probe")
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    source = saved["feature_source"]
+    assert source["class_path"] == f"lightning_modules.{type(probe.features).__name__}"
+    assert source["init_args"]["checkpoint"] == str(backbone.resolve())
+
+    module, settings = load_classifier(checkpoint)
+    assert isinstance(module, ProbeModule) and not module.training
+    assert settings == ClassifierSettings("probe", 16, 1, "keep", 4.0)  # as the data were
+    assert module.best_index == probe.best_index and module.class_names == probe.class_names
+
+    # The in-memory probe's best key on the test split, through its feature cache.
+    images, labels, indices = next(iter(DataLoader(data.dataset("test"), batch_size=1000)))
+    with torch.no_grad():
+        expected = probe.logits(probe.batch_features((images, labels, indices), "test"))
+        logits = module.classify(images, indices)
+    assert torch.equal(logits.argmax(-1), expected[probe.best_index].argmax(-1))
+    assert torch.allclose(logits, expected[probe.best_index], atol=1e-4)
+    predicted = torch.cat(_trainer(tmp_path).predict(module, data))  # predict_step, test split
+    assert torch.allclose(predicted, expected[probe.best_index].softmax(-1), atol=1e-5)
+
+    out = tmp_path / "probe.csv"
+    summary = classify_folder(checkpoint, sample, out, batch_size=5, device=DEVICE)
+    rows = _read(out)
+    assert list(rows[0]) == ["path", "label_1", "prob_1", "label_2", "prob_2", "label_3", "prob_3"]
+    assert summary["images"] == len(rows) and summary["skipped"] == 1
+    if kind == "diffusion":  # image i is noised as image i, whatever batch it lands in
+        classify_folder(checkpoint, sample, tmp_path / "again.csv", batch_size=64, device=DEVICE)
+        assert (tmp_path / "again.csv").read_text() == out.read_text()
+
+
+def test_representation_checkpoints_are_refused_with_how_to_probe_them(
+    diffusion_checkpoint, sample, tmp_path
+):
+    simclr = SimCLRModule(num_classes=4, image_size=16, in_chans=1, backbone="resnet10t")
+    path = tmp_path / "simclr.ckpt"
+    torch.save({"hyper_parameters": dict(simclr.hparams), "state_dict": simclr.state_dict()}, path)
+    with pytest.raises(ValueError, match="SimCLR checkpoint.*Probe it first.*probe_encoder.yaml"):
+        classify_folder(path, sample, tmp_path / "p.csv")
+    with pytest.raises(ValueError, match="diffusion checkpoint.*Probe it first.*probe_diffusion"):
+        load_classifier(diffusion_checkpoint)
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_missing_files_and_folders_without_images_are_named(
+    supervised, encoder_probe, sample, tmp_path
+):
+    checkpoint = supervised[1]
+    with pytest.raises(FileNotFoundError, match="nowhere.ckpt"):
+        load_classifier(tmp_path / "nowhere.ckpt")
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "readme.txt").write_text("not an image")
+    with pytest.raises(ValueError, match="no image files in .*empty"):
+        classify_folder(checkpoint, tmp_path / "empty", tmp_path / "p.csv")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "zero.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="no readable image in .*broken.*zero.png"):
+        classify_folder(checkpoint, tmp_path / "broken", tmp_path / "p.csv")
+
+    # A probe whose backbone checkpoint has gone names that file.
+    saved = torch.load(encoder_probe[1], map_location="cpu", weights_only=True)
+    saved["feature_source"]["init_args"]["checkpoint"] = str(tmp_path / "gone.ckpt")
+    torch.save(saved, tmp_path / "orphan.ckpt")
+    with pytest.raises(FileNotFoundError, match="gone.ckpt"):
+        load_classifier(tmp_path / "orphan.ckpt")
+
+
+def test_sources_built_in_memory_record_no_init_args(diffusion_checkpoint):
+    module = load_diffusion(diffusion_checkpoint)
+    source = DiffusionFeatures.from_unet(module.ema, module.schedule, timesteps=(1,))
+    assert source.init_args is None
+    built = DiffusionFeatures(str(diffusion_checkpoint), layers=[16], timesteps=(1,))
+    assert built.init_args["layers"] == [16] and built.init_args["timesteps"] == [1]

@@ -1,0 +1,115 @@
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPOSITORY
+
+from cli import main
+from workflows.experiment import Experiment
+from workflows.report import ROWS
+
+SMOKE = REPOSITORY / "configs" / "experiments" / "smoke.yaml"
+EXPERIMENT_CONFIGS = sorted((REPOSITORY / "configs" / "experiments").glob("*.yaml"))
+
+
+def _wait_for(path, process, timeout=240):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            pytest.fail(f"the experiment ended before {path} appeared: {process.stderr.read()}")
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def test_smoke_experiment_killed_mid_stage_resumes_and_reports_every_method(tmp_path, capsys):
+    out = tmp_path / "smoke"
+    command = [sys.executable, "cli.py", "experiment", "--config", str(SMOKE), "--out", str(out)]
+    process = subprocess.Popen(
+        command, cwd=REPOSITORY, env=dict(os.environ), stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    # Kill it inside the baselines stage, after the first epoch of a supervised run.
+    interrupted = out / "runs" / "supervised_balanced"
+    _wait_for(interrupted / "checkpoints" / "last.ckpt", process)
+    process.kill()
+    process.wait()
+    assert not (interrupted / "done.json").exists(), "the run finished before the kill"
+    assert not (out / "baselines" / "done.json").exists()
+    completed = [out / "data" / "done.json", out / "diffusion" / "done.json"]
+    completed.append(out / "runs" / "diffusion" / "checkpoints" / "last.ckpt")
+    before = {path: path.stat().st_mtime_ns for path in completed}
+
+    capsys.readouterr()
+    assert main(["experiment", "--config", str(SMOKE), "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert "[data] done earlier, skipped" in log and "[diffusion] done earlier, skipped" in log
+    assert "supervised_balanced: resuming from" in log
+    assert {path: path.stat().st_mtime_ns for path in completed} == before  # not redone
+    compute = json.loads((interrupted / "compute.json").read_text())
+    assert compute["resumed"] and compute["epochs"] == 4
+
+    records = json.loads((out / "results.json").read_text())
+    found = {(r["regime"], r["method"], r["eval_set"], r["metric"]) for r in records}
+    expected = itertools.product(
+        ["balanced", "long_tailed"], [row for row, *_ in ROWS], ["test", "geographic", "temporal"],
+        ["acc", "macro_f1"],
+    )  # fmt: skip
+    assert found == set(expected)
+    report = (out / "report.md").read_text()
+    for row, *_ in ROWS:
+        assert report.count(f"| {row}") == 2  # one row in each regime's table
+    for figure in ("diffusion_samples.png", "real_images.png", "confusion_best.png",
+                   "heatmap_long_tailed_macro_f1.png"):  # fmt: skip
+        assert (out / "figures" / figure).stat().st_size > 0
+    assert "| diffusion | " in report and "| dino | " in report  # clustering and compute
+    assert list((out / "runs" / "simclr").glob("events.out.tfevents.*"))
+
+    # New images classified with the best diffusion probe and with the supervised model.
+    sample = tmp_path / "sample"
+    main(["data", "synth", "--out", str(sample), "--classes", "2", "--per-class", "3",
+          "--size", "32", "--domains", "source"])  # fmt: skip
+    readable = len(list(sample.rglob("*.png")))
+    (sample / "corrupt.png").write_bytes(b"\x89PNG broken")
+    for run in ("probe_diffusion_long_tailed", "supervised_long_tailed"):
+        predictions = tmp_path / f"{run}.csv"
+        checkpoint = out / "runs" / run / "checkpoints" / "last.ckpt"
+        assert main(["classify", "--checkpoint", str(checkpoint), "--images", str(sample),
+                     "--out", str(predictions)]) == 0  # fmt: skip
+        assert len(predictions.read_text().splitlines()) == 1 + readable
+        assert "corrupt.png" in (tmp_path / f"{run}_skipped.csv").read_text()
+        counts = (tmp_path / f"{run}_counts.csv").read_text().splitlines()[1:]
+        assert sum(int(line.split(",")[1]) for line in counts) == readable
+
+    # The report is rebuilt from the folder alone, and --force redoes a stage and the later ones.
+    (out / "report.md").unlink()
+    assert main(["report", str(out)]) == 0
+    rebuilt = (out / "report.md").read_text()
+    assert rebuilt.split("## Settings")[0] == report.split("## Settings")[0]
+    clustering = (out / "clustering" / "done.json").stat().st_mtime_ns
+    assert (
+        main(["experiment", "--config", str(SMOKE), "--out", str(out), "--force", "clustering"])
+        == 0
+    )
+    assert (out / "clustering" / "done.json").stat().st_mtime_ns != clustering
+    assert (out / "probes" / "done.json").stat().st_mtime_ns  # kept
+
+
+@pytest.mark.parametrize("config", EXPERIMENT_CONFIGS, ids=lambda p: p.name)
+def test_every_experiment_config_loads(config):
+    experiment = Experiment.from_file(config)
+    assert set(experiment.regimes) <= {"balanced", "long_tailed"}
+    for run in [experiment.diffusion, *experiment.baselines.values()]:
+        assert run.config.is_file() and run.max_epochs > 0
+
+
+def test_a_bad_experiment_config_names_the_problem(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("data: ../data/synthetic.yaml\ndiffusion: {config: nowhere.yaml}\n")
+    assert main(["experiment", "--config", str(config)]) == 2
+    assert "missing sections ['baselines', 'probes']" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not an experiment run folder" in capsys.readouterr().err

@@ -1,0 +1,349 @@
+"""The whole protocol in one command: data, diffusion pretraining, the baselines, a linear probe of
+every method in every regime, clustering, and the report.
+
+Every training run goes through the Lightning CLI with the method's own config, the experiment's
+data config and the shared trainer config, so a run inside an experiment is the run a user would
+start by hand. Each stage (and each run inside a stage) leaves ``done.json`` when it completes; a
+re-run skips what is done and resumes an interrupted training run from its ``last.ckpt``.
+
+Label-free pretraining (diffusion, SimCLR, DINO) sees the training images of ``pretrain_regime``
+(by default the natural, long-tailed distribution: every unlabelled image there is); the
+supervised baseline and every probe are trained once per regime, since they use the labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from datamodules.cache import write_text_atomic
+
+STAGES = ("data", "diffusion", "baselines", "probes", "clustering", "report")
+ENCODERS = ("supervised", "simclr", "dino")
+
+
+@dataclass
+class MethodRun:
+    """One method's config, its epochs and its overrides (``--key value`` pairs of the CLI)."""
+
+    config: Path
+    max_epochs: int
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class Experiment:
+    """An experiment config (``configs/experiments/*.yaml``) with its paths resolved."""
+
+    name: str
+    data: Path
+    data_overrides: dict
+    regimes: list[str]
+    pretrain_regime: str
+    trainer_overrides: dict
+    diffusion: MethodRun
+    baselines: dict[str, MethodRun]
+    probe_diffusion: MethodRun
+    probe_encoder: MethodRun
+    clustering_split: str
+    samples: int
+    source: dict
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Experiment:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"experiment config {path} does not exist")
+        settings = yaml.safe_load(path.read_text()) or {}
+        folder = path.parent
+
+        def method(section: dict, where: str) -> MethodRun:
+            if not isinstance(section, dict) or "config" not in section:
+                raise ValueError(f"{path}: {where} needs a `config` (a method config path)")
+            config = (folder / section["config"]).resolve()
+            if not config.is_file():
+                raise FileNotFoundError(f"{path}: {where}.config {config} does not exist")
+            return MethodRun(
+                config, int(section.get("max_epochs", 10)), section.get("overrides") or {}
+            )
+
+        missing = [k for k in ("data", "diffusion", "baselines", "probes") if k not in settings]
+        if missing:
+            raise ValueError(
+                f"{path}: missing sections {missing}; see configs/experiments/demo.yaml"
+            )
+        baselines = settings["baselines"]
+        unknown = sorted(set(baselines) - set(ENCODERS))
+        if unknown or set(baselines) != set(ENCODERS):
+            raise ValueError(
+                f"{path}: baselines must be exactly {list(ENCODERS)}, got {sorted(baselines)}"
+            )
+        regimes = list(settings.get("regimes", ["balanced", "long_tailed"]))
+        if not regimes or set(regimes) - {"balanced", "long_tailed"}:
+            raise ValueError(f"{path}: regimes must be among balanced, long_tailed; got {regimes}")
+        return cls(
+            name=settings.get("name", path.stem),
+            data=(folder / settings["data"]).resolve(),
+            data_overrides=settings.get("data_overrides") or {},
+            regimes=regimes,
+            pretrain_regime=settings.get("pretrain_regime", "long_tailed"),
+            trainer_overrides=settings.get("trainer_overrides") or {},
+            diffusion=method(settings["diffusion"], "diffusion"),
+            baselines={name: method(baselines[name], f"baselines.{name}") for name in ENCODERS},
+            probe_diffusion=method(settings["probes"].get("diffusion"), "probes.diffusion"),
+            probe_encoder=method(settings["probes"].get("encoder"), "probes.encoder"),
+            clustering_split=(settings.get("clustering") or {}).get("split", "test"),
+            samples=int(settings.get("samples", 16)),
+            source=settings,
+        )
+
+
+def cli_arguments(settings: dict) -> list[str]:
+    """``{"data.image_size": 16}`` as ``["--data.image_size", "16"]``; lists, mappings as JSON."""
+    arguments = []
+    for key, value in settings.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        arguments += [f"--{key}", text]
+    return arguments
+
+
+def write_json(path: Path, content: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(content, indent=2, default=str))
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+class ExperimentRunner:
+    """Runs the stages of an experiment into ``out``, skipping the completed ones."""
+
+    def __init__(self, experiment: Experiment, out: Path, log: Callable[[str], None] = print):
+        self.experiment, self.out, self.log = experiment, Path(out), log
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def stage_dir(self, stage: str) -> Path:
+        return self.out / stage
+
+    def force(self, stage: str) -> None:
+        """Forget ``stage`` and every later one, so they run again from scratch."""
+        if stage not in STAGES:
+            raise ValueError(f"--force must name a stage among {', '.join(STAGES)}; got {stage!r}")
+        for later in STAGES[STAGES.index(stage) :]:
+            folder = self.stage_dir(later)
+            if folder.exists():
+                shutil.rmtree(folder)
+                self.log(f"[{later}] forced: removed {folder}")
+
+    def run(self, force: str | None = None) -> Path:
+        if force:
+            self.force(force)
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(self.out / "experiment.json", self.experiment.source)
+        for stage in STAGES:
+            marker = self.stage_dir(stage) / "done.json"
+            if marker.exists():
+                self.log(f"[{stage}] done earlier, skipped ({read_json(marker)['wall_s']:.0f} s)")
+                continue
+            started = time.perf_counter()
+            getattr(self, f"stage_{stage}")()
+            wall = time.perf_counter() - started
+            write_json(marker, {"wall_s": wall, "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+            self.log(f"[{stage}] done in {wall:.1f} s")
+        return self.out / "report.md"
+
+    # -- running the CLI -----------------------------------------------------------------------
+    def _cli(self, method: MethodRun, regime: str, folder: Path, extra: dict | None = None):  # noqa: ANN202 - a PlanktonCLI
+        from cli import PlanktonCLI  # the CLI imports this package for its commands
+
+        logger = {
+            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": str(folder.parent), "name": folder.name, "version": ""},
+        }
+        trainer = {f"trainer.{k}": v for k, v in self.experiment.trainer_overrides.items()}
+        arguments = [
+            "--config", str(method.config),
+            "--data", str(self.experiment.data),
+            *cli_arguments({f"data.{k}": v for k, v in self.experiment.data_overrides.items()}),
+            "--data.regime", regime,
+            "--trainer.max_epochs", str(method.max_epochs),
+            "--trainer.default_root_dir", str(folder),
+            "--trainer.logger", json.dumps(logger),
+            *cli_arguments(trainer),
+            *cli_arguments(method.overrides),
+            *cli_arguments(extra or {}),
+        ]  # fmt: skip
+        return PlanktonCLI(arguments, run=False)
+
+    def fit(
+        self, name: str, method: MethodRun, regime: str, extra: dict | None = None
+    ) -> tuple[object, Path]:
+        """Train one run into ``runs/<name>`` (resuming from its ``last.ckpt``) unless done;
+        returns the CLI (None when done earlier) and the final checkpoint."""
+        folder = self.out / "runs" / name
+        checkpoint = folder / "checkpoints" / "last.ckpt"
+        if (folder / "done.json").exists():
+            return None, checkpoint
+        cli = self._cli(method, regime, folder, extra)
+        resume = checkpoint if checkpoint.exists() else None
+        self.log(f"  {name}: " + (f"resuming from {resume}" if resume else "training"))
+        started = time.perf_counter()
+        cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=resume)
+        trainer, datamodule = cli.trainer, cli.datamodule
+        write_json(
+            folder / "compute.json",
+            {
+                "method": name,
+                "config": str(method.config),
+                "regime": regime,
+                "epochs": trainer.current_epoch,
+                "steps": trainer.global_step,
+                "images_seen": trainer.current_epoch * len(datamodule.dataset("train")),
+                "batch_size": datamodule.batch_size * trainer.world_size,
+                "wall_s": time.perf_counter() - started,
+                "resumed": resume is not None,
+                "trainable_parameters": sum(
+                    p.numel() for p in cli.model.parameters() if p.requires_grad
+                ),
+                "parameters": sum(p.numel() for p in cli.model.parameters()),
+                "precision": str(trainer.precision),
+                "devices": trainer.world_size,
+            },
+        )
+        return cli, checkpoint
+
+    def finish(self, name: str) -> None:
+        write_json(self.out / "runs" / name / "done.json", {"finished": time.time()})
+
+    # -- stages --------------------------------------------------------------------------------
+    def stage_data(self) -> None:
+        from cli import datamodule_from_config
+
+        for regime in self.experiment.regimes:
+            datamodule = datamodule_from_config(
+                self.experiment.data, **self.experiment.data_overrides, regime=regime
+            )
+            summary = datamodule.summary.as_dict()
+            write_json(self.stage_dir("data") / f"{regime}.json", summary)
+            counts = {split: sum(c.values()) for split, c in summary["counts"].items()}
+            self.log(f"  {regime}: {len(summary['classes'])} classes, images per set {counts}")
+
+    def stage_diffusion(self) -> None:
+        experiment = self.experiment
+        _, checkpoint = self.fit("diffusion", experiment.diffusion, experiment.pretrain_regime)
+        self._samples_next_to_real(checkpoint)
+        self.finish("diffusion")
+        write_json(self.stage_dir("diffusion") / "checkpoint.json", {"path": str(checkpoint)})
+
+    def _samples_next_to_real(self, checkpoint: Path) -> None:
+        from cli import datamodule_from_config
+        from lightning_modules.callbacks import save_grid
+        from lightning_modules.diffusion import load_diffusion
+
+        count = self.experiment.samples
+        module = load_diffusion(checkpoint)
+        self.log(f"  sampling {count} images (DDIM, 50 steps)")
+        samples = module.sample(count, "ddim", steps=50, seed=0)
+        datamodule = datamodule_from_config(self.experiment.data, **self.experiment.data_overrides)
+        dataset = datamodule.dataset("val")
+        real = torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])
+        figures = self.out / "figures"
+        figures.mkdir(parents=True, exist_ok=True)
+        save_grid(samples, figures / "diffusion_samples.png")
+        save_grid(real, figures / "real_images.png")
+
+    def stage_baselines(self) -> None:
+        experiment = self.experiment
+        for name in ENCODERS:
+            regimes = experiment.regimes if name == "supervised" else [experiment.pretrain_regime]
+            for regime in regimes:
+                run = f"{name}_{regime}" if name == "supervised" else name
+                cli, _ = self.fit(run, experiment.baselines[name], regime)
+                if cli is None:
+                    continue
+                if name == "supervised":
+                    self._evaluate(cli, run, regime, "supervised end to end")
+                self.finish(run)
+
+    def encoder_checkpoint(self, name: str, regime: str) -> Path:
+        run = f"{name}_{regime}" if name == "supervised" else name
+        return self.out / "runs" / run / "checkpoints" / "last.ckpt"
+
+    def stage_probes(self) -> None:
+        experiment = self.experiment
+        diffusion = self.out / "runs" / "diffusion" / "checkpoints" / "last.ckpt"
+        for regime in experiment.regimes:
+            sources = {"diffusion": (experiment.probe_diffusion, diffusion)}
+            for name in ENCODERS:
+                sources[name] = (experiment.probe_encoder, self.encoder_checkpoint(name, regime))
+            for name, (method, checkpoint) in sources.items():
+                run = f"probe_{name}_{regime}"
+                extra = {"model.init_args.features.init_args.checkpoint": str(checkpoint)}
+                cli, _ = self.fit(run, method, regime, extra)
+                if cli is not None:
+                    self._evaluate(cli, run, regime, name)
+                    self.finish(run)
+
+    def _evaluate(self, cli: object, run: str, regime: str, method: str) -> None:
+        """Test on every eval set, then keep the test predictions for the report's per-class F1
+        and confusion matrix."""
+        trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
+        trainer.test(model, datamodule, verbose=False)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "/f1/" not in k}
+        batches = trainer.predict(model, datamodule)
+        probabilities = torch.cat(batches).float().numpy()
+        labels = np.asarray(datamodule.dataset(datamodule.predict_set).labels)
+        folder = self.out / "runs" / run
+        np.savez(folder / "test_predictions.npz", probabilities=probabilities, labels=labels)
+        best_key = getattr(model, "best_key", None)
+        write_json(
+            folder / "results.json",
+            {
+                "method": method,
+                "regime": regime,
+                "eval_sets": datamodule.eval_set_names,
+                "class_names": list(datamodule.class_names),
+                "train_counts": datamodule.class_counts.tolist(),
+                "metrics": metrics,
+                "best_key": list(best_key) if best_key is not None else None,
+            },
+        )
+
+    def stage_clustering(self) -> None:
+        from cli import cluster_command
+
+        experiment = self.experiment
+        regime = experiment.pretrain_regime
+        diffusion = self.out / "runs" / "diffusion" / "checkpoints" / "last.ckpt"
+        sources = {"diffusion": (experiment.probe_diffusion, diffusion)}
+        for name in ENCODERS:
+            sources[name] = (experiment.probe_encoder, self.encoder_checkpoint(name, regime))
+        for name, (method, checkpoint) in sources.items():
+            out = self.stage_dir("clustering") / name
+            arguments = [
+                "--data", str(experiment.data),
+                *cli_arguments({f"data.{k}": v for k, v in experiment.data_overrides.items()}),
+                "--data.regime", regime,
+                *cli_arguments(method.overrides),
+                "--model.init_args.features.init_args.checkpoint", str(checkpoint),
+            ]  # fmt: skip
+            settings = argparse.Namespace(
+                config=str(method.config), split=experiment.clustering_split, k=None, seed=0,
+                out=str(out),
+            )  # fmt: skip
+            cluster_command(settings, arguments)
+
+    def stage_report(self) -> None:
+        from .report import build_report
+
+        build_report(self.out)

@@ -1,0 +1,325 @@
+"""The report of an experiment, rebuilt from its run folder alone (``plankton report RUN_DIR``):
+``report.md`` for a person, ``results.csv`` and ``results.json`` for a script, PNG figures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - after choosing the file-only backend
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from sklearn.metrics import confusion_matrix, f1_score  # noqa: E402
+
+from datamodules.cache import write_text_atomic  # noqa: E402
+from lightning_modules.probe_reports import confusion_figure  # noqa: E402
+
+from .experiment import STAGES  # noqa: E402
+
+# (row of the main table, run folder prefix, metric prefix in results.json)
+ROWS = [
+    ("diffusion best (layer, t)", "probe_diffusion", "best_"),
+    ("diffusion fusion (top-k keys)", "probe_diffusion", "fusion_"),
+    ("supervised end to end", "supervised", ""),
+    ("supervised probe", "probe_supervised", "best_"),
+    ("SimCLR probe", "probe_simclr", "best_"),
+    ("DINO probe", "probe_dino", "best_"),
+]
+PER_CLASS_SHOWN = 5
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def collect_results(run_dir: Path) -> list[dict]:
+    """One record per (regime, method, eval set, metric), with the drop from the test split."""
+    experiment = _read_json(run_dir / "experiment.json")
+    records = []
+    for regime in experiment.get("regimes", ["balanced", "long_tailed"]):
+        for row, prefix, metric_prefix in ROWS:
+            results = _read_json(run_dir / "runs" / f"{prefix}_{regime}" / "results.json")
+            if not results:
+                continue
+            metrics = results["metrics"]
+            for eval_set in results["eval_sets"]:
+                for metric in ("acc", "macro_f1"):
+                    value = metrics.get(f"{eval_set}/{metric_prefix}{metric}")
+                    test = metrics.get(f"test/{metric_prefix}{metric}")
+                    if value is None:
+                        continue
+                    records.append(
+                        {
+                            "regime": regime,
+                            "method": row,
+                            "eval_set": eval_set,
+                            "metric": metric,
+                            "value": round(value, 4),
+                            "drop_from_test": round(test - value, 4) if test is not None else None,
+                            "key": results.get("best_key") if metric_prefix == "best_" else None,
+                        }
+                    )
+    return records
+
+
+def _main_tables(records: list[dict]) -> list[str]:
+    lines = []
+    for regime in dict.fromkeys(r["regime"] for r in records):
+        chosen = [r for r in records if r["regime"] == regime]
+        eval_sets = list(dict.fromkeys(r["eval_set"] for r in chosen))
+        header = ["method"]
+        for eval_set in eval_sets:
+            header += [f"{eval_set} acc", f"{eval_set} macro-F1"]
+        lines += [f"### Regime: {regime}", "", "| " + " | ".join(header) + " |"]
+        lines.append("|" + "---|" * len(header))
+        for method in dict.fromkeys(r["method"] for r in chosen):
+            cells = [method]
+            key = next((r["key"] for r in chosen if r["method"] == method and r["key"]), None)
+            if key:
+                cells[0] += f" `{key[0]}` t={key[1]}" if key[1] is not None else ""
+            for eval_set in eval_sets:
+                for metric in ("acc", "macro_f1"):
+                    found = [
+                        r
+                        for r in chosen
+                        if r["method"] == method and r["eval_set"] == eval_set
+                        and r["metric"] == metric
+                    ]  # fmt: skip
+                    if not found:
+                        cells.append("")
+                        continue
+                    value, drop = found[0]["value"], found[0]["drop_from_test"]
+                    shown = f"{value:.3f}"
+                    if eval_set != "test" and drop is not None:
+                        shown += f" ({-drop:+.3f})"
+                    cells.append(shown)
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append(
+        "Out-of-distribution cells show, in brackets, the change from the test split of the same "
+        "method (negative: a drop)."
+    )
+    return lines + [""]
+
+
+def _resolution_table(run_dir: Path, regime: str) -> list[str]:
+    """Best validation macro-F1 per U-Net resolution, so it is plain which feature size wins."""
+    from lightning_modules.diffusion import load_diffusion
+
+    table = run_dir / "runs" / f"probe_diffusion_{regime}" / "probe_results.csv"
+    checkpoint = run_dir / "runs" / "diffusion" / "checkpoints" / "last.ckpt"
+    if not table.exists() or not checkpoint.exists():
+        return []
+    info = load_diffusion(checkpoint).ema.info
+    best: dict[int, tuple[float, str]] = {}
+    with open(table, newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["split"] != "val" or row["layer"] not in info:
+                continue
+            resolution, score = info[row["layer"]].resolution, float(row["macro_f1"])
+            if score > best.get(resolution, (-1.0, ""))[0]:
+                best[resolution] = (score, f"`{row['layer']}` t={row['timestep']}")
+    lines = ["| feature map | best val macro-F1 | where |", "|---|---|---|"]
+    for resolution, (score, where) in sorted(best.items(), reverse=True):
+        lines.append(f"| {resolution}x{resolution} | {score:.3f} | {where} |")
+    winner = max(best.items(), key=lambda item: item[1][0])[0]
+    return lines + ["", f"The {winner}x{winner} feature maps give the best probe ({regime}).", ""]
+
+
+def _clustering_table(run_dir: Path) -> list[str]:
+    lines = ["| features | key | NMI | ARI | purity |", "|---|---|---|---|---|"]
+    found = False
+    for source in ("diffusion", "supervised", "simclr", "dino"):
+        path = run_dir / "clustering" / source / "clustering.csv"
+        if not path.exists():
+            continue
+        found = True
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        best = max(rows, key=lambda row: float(row["nmi"]))
+        key = best["layer"] + (f" t={best['timestep']}" if best["timestep"] else "")
+        scores = " | ".join(f"{float(best[s]):.3f}" for s in ("nmi", "ari", "purity"))
+        lines.append(f"| {source} | {key} | {scores} |")
+    if not found:
+        return []
+    return lines + ["", "Diffusion: the key with the best NMI of the whole grid.", ""]
+
+
+def _best_run(run_dir: Path, records: list[dict], regime: str) -> tuple[str, Path] | None:
+    """The method with the best test macro-F1 in ``regime`` that has test predictions."""
+    candidates = [
+        r
+        for r in records
+        if r["regime"] == regime and r["eval_set"] == "test" and r["metric"] == "macro_f1"
+        and "fusion" not in r["method"]
+    ]  # fmt: skip
+    for record in sorted(candidates, key=lambda r: -r["value"]):
+        prefix = next(p for row, p, _ in ROWS if row == record["method"])
+        folder = run_dir / "runs" / f"{prefix}_{regime}"
+        if (folder / "test_predictions.npz").exists():
+            return record["method"], folder
+    return None
+
+
+def _per_class_and_confusion(run_dir: Path, records: list[dict], regime: str) -> list[str]:
+    best = _best_run(run_dir, records, regime)
+    if best is None:
+        return []
+    method, folder = best
+    results = _read_json(folder / "results.json")
+    saved = np.load(folder / "test_predictions.npz")
+    labels, predicted = saved["labels"], saved["probabilities"].argmax(1)
+    names, counts = results["class_names"], results["train_counts"]
+    classes = list(range(len(names)))
+    f1 = f1_score(labels, predicted, labels=classes, average=None, zero_division=0)
+    order = sorted(classes, key=lambda c: counts[c])
+    shown = order[:PER_CLASS_SHOWN] + [
+        c for c in order[-PER_CLASS_SHOWN:] if c not in order[:PER_CLASS_SHOWN]
+    ]
+    lines = [
+        f"Best method by test macro-F1 ({regime}): **{method}**. The {PER_CLASS_SHOWN} rarest and "
+        f"{PER_CLASS_SHOWN} most common classes of its training split:",
+        "",
+        "| class | training images | test F1 |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {names[c]} | {counts[c]} | {f1[c]:.3f} |" for c in shown]
+    matrix = confusion_matrix(labels, predicted, labels=classes)
+    figure = confusion_figure(torch.as_tensor(matrix), names, f"{method}, test ({regime})")
+    figure.savefig(run_dir / "figures" / "confusion_best.png", dpi=120)
+    plt.close(figure)
+    return lines + ["", "![confusion matrix](figures/confusion_best.png)", ""]
+
+
+def _settings(experiment: dict) -> list[str]:
+    """Each method's config and the experiment's changes to it."""
+    methods = {"diffusion": experiment.get("diffusion", {})}
+    methods |= {name: s for name, s in (experiment.get("baselines") or {}).items()}
+    methods |= {f"probe ({name})": s for name, s in (experiment.get("probes") or {}).items()}
+    lines = ["| method | config | epochs | changed settings |", "|---|---|---|---|"]
+    for name, section in methods.items():
+        changes = ", ".join(f"`{k}={v}`" for k, v in (section.get("overrides") or {}).items())
+        lines.append(
+            f"| {name} | `{Path(section.get('config', '')).name}` | "
+            f"{section.get('max_epochs', '')} | {changes or 'none'} |"
+        )
+    shared = ", ".join(f"`{k}={v}`" for k, v in (experiment.get("trainer_overrides") or {}).items())
+    return lines + [
+        "",
+        "Every run reads the shared `configs/trainer/default.yaml`"
+        + (f", changed for this experiment: {shared}" if shared else "")
+        + "; every method the same data config.",
+        "",
+    ]
+
+
+def _compute_table(run_dir: Path) -> list[str]:
+    lines = [
+        "| run | regime | epochs | images seen | global batch | wall time (s) | trainable "
+        "parameters | all parameters | precision |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path in sorted((run_dir / "runs").glob("*/compute.json")):
+        c = _read_json(path)
+        resumed = " (resumed)" if c["resumed"] else ""
+        lines.append(
+            f"| {c['method']} | {c['regime']} | {c['epochs']} | {c['images_seen']:,} | "
+            f"{c['batch_size']} | {c['wall_s']:.0f}{resumed} | {c['trainable_parameters']:,} | "
+            f"{c['parameters']:,} | {c['precision']} |"
+        )
+    return lines + [
+        "",
+        "Images seen count each training image once per epoch, however many augmented views a "
+        "method makes of it. Probe runs train only their linear heads on frozen features.",
+        "",
+    ]
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Write ``report.md``, ``results.csv``, ``results.json`` and figures into ``run_dir``."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "experiment.json").exists():
+        raise FileNotFoundError(
+            f"{run_dir} is not an experiment run folder (no experiment.json): "
+            "run plankton experiment --config ... --out DIR first"
+        )
+    experiment = _read_json(run_dir / "experiment.json")
+    figures = run_dir / "figures"
+    figures.mkdir(exist_ok=True)
+    records = collect_results(run_dir)
+    write_text_atomic(run_dir / "results.json", json.dumps(records, indent=2))
+    columns = ["regime", "method", "eval_set", "metric", "value", "drop_from_test", "key"]
+    text = (
+        ",".join(columns)
+        + "\n"
+        + "".join(
+            ",".join("" if r[c] is None else str(r[c]).replace(",", ";") for c in columns) + "\n"
+            for r in records
+        )
+    )
+    write_text_atomic(run_dir / "results.csv", text)
+
+    regimes = experiment.get("regimes", ["balanced", "long_tailed"])
+    pretrain = experiment.get("pretrain_regime", "long_tailed")
+    lines = [f"# Experiment `{experiment.get('name', run_dir.name)}`", ""]
+    for regime in regimes:
+        summary = _read_json(run_dir / "data" / f"{regime}.json")
+        if summary:
+            counts = ", ".join(f"{s} {sum(c.values())}" for s, c in summary["counts"].items())
+            lines.append(f"- **{regime}**: {len(summary['classes'])} classes; images: {counts}")
+    lines += [
+        f"- Label-free pretraining (diffusion, SimCLR, DINO) on the {pretrain} training split; "
+        "the supervised baseline and every linear probe trained per regime.",
+        "",
+        "## Main results",
+        "",
+        *_main_tables(records),
+        "## Diffusion features: layers x timesteps",
+        "",
+    ]
+    for regime in regimes:
+        folder = run_dir / "runs" / f"probe_diffusion_{regime}"
+        for metric in ("acc", "macro_f1"):
+            heatmap = folder / f"probe_heatmap_val_{metric}.png"
+            if heatmap.exists():
+                shutil.copy(heatmap, figures / f"heatmap_{regime}_{metric}.png")
+                lines.append(f"![{regime} {metric}](figures/heatmap_{regime}_{metric}.png)")
+        lines += ["", *_resolution_table(run_dir, regime)]
+    clustering = _clustering_table(run_dir)
+    if clustering:
+        lines += ["## k-means clustering", "", *clustering]
+    per_class = _per_class_and_confusion(run_dir, records, pretrain)
+    if per_class:
+        lines += ["## Per-class F1 and confusion matrix", "", *per_class]
+    if (figures / "diffusion_samples.png").exists():
+        lines += [
+            "## Diffusion samples next to real images",
+            "",
+            "| samples (EMA weights, DDIM 50 steps) | real validation images |",
+            "|---|---|",
+            "| ![samples](figures/diffusion_samples.png) | ![real](figures/real_images.png) |",
+            "",
+        ]
+    lines += ["## Settings and compute", "", *_settings(experiment), *_compute_table(run_dir)]
+    stages = [
+        (stage, _read_json(run_dir / stage / "done.json")["wall_s"])
+        for stage in STAGES
+        if (run_dir / stage / "done.json").exists()
+    ]
+    if stages:
+        lines += ["| stage | wall time (s) |", "|---|---|"]
+        lines += [f"| {name} | {wall:.0f} |" for name, wall in stages]
+        lines.append("")
+    lines += [
+        "TensorBoard logs of every run are under `runs/`: "
+        f"`tensorboard --logdir {run_dir}` (or `make tensorboard`).",
+        "",
+    ]
+    report = run_dir / "report.md"
+    write_text_atomic(report, "\n".join(lines))
+    return report
