@@ -218,6 +218,7 @@ class ExperimentRunner:
                 "parameters": sum(p.numel() for p in cli.model.parameters()),
                 "precision": str(trainer.precision),
                 "devices": trainer.world_size,
+                "accelerator": type(trainer.accelerator).__name__.removesuffix("Accelerator"),
             },
         )
         return cli, checkpoint

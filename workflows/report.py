@@ -221,8 +221,8 @@ def _settings(experiment: dict) -> list[str]:
 def _compute_table(run_dir: Path) -> list[str]:
     lines = [
         "| run | regime | epochs | images seen | global batch | wall time (s) | trainable "
-        "parameters | all parameters | precision |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "parameters | all parameters | precision | device |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for path in sorted((run_dir / "runs").glob("*/compute.json")):
         c = _read_json(path)
@@ -230,12 +230,14 @@ def _compute_table(run_dir: Path) -> list[str]:
         lines.append(
             f"| {c['method']} | {c['regime']} | {c['epochs']} | {c['images_seen']:,} | "
             f"{c['batch_size']} | {c['wall_s']:.0f}{resumed} | {c['trainable_parameters']:,} | "
-            f"{c['parameters']:,} | {c['precision']} |"
+            f"{c['parameters']:,} | {c['precision']} | "
+            f"{c['devices']} x {c.get('accelerator', 'device')} |"
         )
     return lines + [
         "",
         "Images seen count each training image once per epoch, however many augmented views a "
-        "method makes of it. Probe runs train only their linear heads on frozen features.",
+        "method makes of it. Probe runs train only their linear heads on frozen features. A "
+        "resumed run's wall time is that of its last attempt.",
         "",
     ]
 
