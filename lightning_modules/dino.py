@@ -28,21 +28,12 @@ class DINOModule(SelfSupervisedModule):
             (lower than ImageNet's 0.996: on small data DINO's loss stays flat otherwise).
         warmup_teacher_temp_epochs: epochs of teacher-temperature warm-up.
         freeze_last_layer: epochs during which the head's last layer is not updated.
-        **kwargs: the shared settings of ``SelfSupervisedModule``.
+        **shared: the settings of ``SelfSupervisedModule`` (``num_classes``, ``backbone``,
+            ``lr``...).
     """
 
     def __init__(
         self,
-        num_classes: int,
-        class_names: list[str] | None = None,
-        in_chans: int = 1,
-        image_size: int = 32,
-        backbone: str = "resnet18",
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-        warmup_epochs: int = 1,
-        knn_k: int = 20,
-        small_input_stem: bool = False,
         output_dim: int = 2048,
         hidden_dim: int = 512,
         bottleneck_dim: int = 128,
@@ -50,12 +41,9 @@ class DINOModule(SelfSupervisedModule):
         momentum_start: float = 0.99,
         warmup_teacher_temp_epochs: int = 5,
         freeze_last_layer: int = 1,
+        **shared: object,
     ) -> None:
-        super().__init__(
-            num_classes, class_names, in_chans, image_size, backbone, lr, weight_decay,
-            warmup_epochs, knn_k, small_input_stem,
-        )  # fmt: skip
-        self.save_hyperparameters()
+        super().__init__(**shared)
         dim = self.backbone.num_features
         self.student_head = DINOProjectionHead(
             dim,

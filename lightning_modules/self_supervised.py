@@ -46,6 +46,7 @@ class SelfSupervisedModule(EvalSetClassifier):
         small_input_stem: bool = False,
     ) -> None:
         super().__init__()
+        self.save_hyperparameters()  # a subclass's own settings too: it passes the rest here
         self.class_names = class_names or [str(i) for i in range(num_classes)]
         self.backbone = create_backbone(backbone, in_chans, 0, small_input_stem)
         self.online_classifier = nn.Linear(self.backbone.num_features, num_classes)

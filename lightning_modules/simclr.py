@@ -18,30 +18,18 @@ class SimCLRModule(SelfSupervisedModule):
         projection_dim: output size of the projection head.
         hidden_dim: hidden size of the projection head.
         temperature: NT-Xent temperature.
-        **kwargs: the shared settings of ``SelfSupervisedModule``.
+        **shared: the settings of ``SelfSupervisedModule`` (``num_classes``, ``backbone``,
+            ``lr``...).
     """
 
     def __init__(
         self,
-        num_classes: int,
-        class_names: list[str] | None = None,
-        in_chans: int = 1,
-        image_size: int = 32,
-        backbone: str = "resnet18",
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-        warmup_epochs: int = 1,
-        knn_k: int = 20,
-        small_input_stem: bool = False,
         projection_dim: int = 128,
         hidden_dim: int = 512,
         temperature: float = 0.2,
+        **shared: object,
     ) -> None:
-        super().__init__(
-            num_classes, class_names, in_chans, image_size, backbone, lr, weight_decay,
-            warmup_epochs, knn_k, small_input_stem,
-        )  # fmt: skip
-        self.save_hyperparameters()
+        super().__init__(**shared)
         self.projection_head = SimCLRProjectionHead(
             self.backbone.num_features, hidden_dim, projection_dim
         )
