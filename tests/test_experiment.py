@@ -34,14 +34,16 @@ def test_smoke_experiment_killed_mid_stage_resumes_and_reports_every_method(tmp_
     )  # fmt: skip
     # Kill it inside the baselines stage, after the first epoch of a supervised run.
     interrupted = out / "runs" / "supervised_balanced"
-    _wait_for(interrupted / "checkpoints" / "last.ckpt", process)
+    _wait_for(interrupted / "wall_time.json", process)  # written after the epoch's checkpoint
     process.kill()
     process.wait()
+    assert (interrupted / "checkpoints" / "last.ckpt").exists()
     assert not (interrupted / "done.json").exists(), "the run finished before the kill"
     assert not (out / "baselines" / "done.json").exists()
     completed = [out / "data" / "done.json", out / "diffusion" / "done.json"]
     completed.append(out / "runs" / "diffusion" / "checkpoints" / "last.ckpt")
     before = {path: path.stat().st_mtime_ns for path in completed}
+    interrupted_wall = json.loads((interrupted / "wall_time.json").read_text())["wall_s"]
 
     capsys.readouterr()
     assert main(["experiment", "--config", str(SMOKE), "--out", str(out)]) == 0
@@ -51,6 +53,7 @@ def test_smoke_experiment_killed_mid_stage_resumes_and_reports_every_method(tmp_
     assert {path: path.stat().st_mtime_ns for path in completed} == before  # not redone
     compute = json.loads((interrupted / "compute.json").read_text())
     assert compute["resumed"] and compute["epochs"] == 4
+    assert compute["wall_s"] > interrupted_wall > 0  # the interrupted attempt counts too
 
     records = json.loads((out / "results.json").read_text())
     found = {(r["regime"], r["method"], r["eval_set"], r["metric"]) for r in records}

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 import yaml
@@ -125,6 +126,23 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+class WallClock(L.Callback):
+    """A run's wall time across interruptions: the total so far is saved at every epoch end, and
+    a resumed attempt starts from it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.before = read_json(path)["wall_s"] if path.exists() else 0.0
+        self.started = time.perf_counter()
+
+    def total(self) -> float:
+        return self.before + time.perf_counter() - self.started
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            write_json(self.path, {"wall_s": self.total()})
+
+
 class ExperimentRunner:
     """Runs the stages of an experiment into ``out``, skipping the completed ones."""
 
@@ -197,7 +215,8 @@ class ExperimentRunner:
         cli = self._cli(method, regime, folder, extra)
         resume = checkpoint if checkpoint.exists() else None
         self.log(f"  {name}: " + (f"resuming from {resume}" if resume else "training"))
-        started = time.perf_counter()
+        clock = WallClock(folder / "wall_time.json")
+        cli.trainer.callbacks.append(clock)
         cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=resume)
         trainer, datamodule = cli.trainer, cli.datamodule
         write_json(
@@ -210,7 +229,7 @@ class ExperimentRunner:
                 "steps": trainer.global_step,
                 "images_seen": trainer.current_epoch * len(datamodule.dataset("train")),
                 "batch_size": datamodule.batch_size * trainer.world_size,
-                "wall_s": time.perf_counter() - started,
+                "wall_s": clock.total(),
                 "resumed": resume is not None,
                 "trainable_parameters": sum(
                     p.numel() for p in cli.model.parameters() if p.requires_grad

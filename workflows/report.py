@@ -237,7 +237,7 @@ def _compute_table(run_dir: Path) -> list[str]:
         "",
         "Images seen count each training image once per epoch, however many augmented views a "
         "method makes of it. Probe runs train only their linear heads on frozen features. A "
-        "resumed run's wall time is that of its last attempt.",
+        "resumed run's wall time includes its interrupted attempts up to their last epoch.",
         "",
     ]
 
