@@ -45,6 +45,11 @@ def test_smoke_experiment_killed_mid_stage_resumes_and_reports_every_method(tmp_
     before = {path: path.stat().st_mtime_ns for path in completed}
     interrupted_wall = json.loads((interrupted / "wall_time.json").read_text())["wall_s"]
 
+    # A report of the unfinished run says what it lacks.
+    assert main(["report", str(out)]) == 0
+    partial = (out / "report.md").read_text()
+    assert "Not in the tables (not evaluated yet): probe_diffusion_balanced, supervised_" in partial
+
     capsys.readouterr()
     assert main(["experiment", "--config", str(SMOKE), "--out", str(out)]) == 0
     log = capsys.readouterr().out
@@ -63,6 +68,7 @@ def test_smoke_experiment_killed_mid_stage_resumes_and_reports_every_method(tmp_
     )  # fmt: skip
     assert found == set(expected)
     report = (out / "report.md").read_text()
+    assert "Not in the tables" not in report
     for row, *_ in ROWS:
         assert report.count(f"| {row}") == 2  # one row in each regime's table
     for figure in ("diffusion_samples.png", "real_images.png", "confusion_best.png",

@@ -67,6 +67,17 @@ def collect_results(run_dir: Path) -> list[dict]:
     return records
 
 
+def missing_runs(run_dir: Path) -> list[str]:
+    """The evaluated runs the main table expects and the folder lacks (a stage not run yet)."""
+    experiment = _read_json(run_dir / "experiment.json")
+    return [
+        f"{prefix}_{regime}"
+        for regime in experiment.get("regimes", ["balanced", "long_tailed"])
+        for prefix in dict.fromkeys(prefix for _, prefix, _ in ROWS)
+        if not (run_dir / "runs" / f"{prefix}_{regime}" / "results.json").exists()
+    ]
+
+
 def _main_tables(records: list[dict]) -> list[str]:
     lines = []
     for regime in dict.fromkeys(r["regime"] for r in records):
@@ -281,6 +292,11 @@ def build_report(run_dir: str | Path) -> Path:
         "## Main results",
         "",
         *_main_tables(records),
+    ]
+    missing = missing_runs(run_dir)
+    if missing:
+        lines += [f"Not in the tables (not evaluated yet): {', '.join(missing)}.", ""]
+    lines += [
         "## Diffusion features: layers x timesteps",
         "",
     ]
