@@ -28,6 +28,9 @@ class SelfSupervisedModule(EvalSetClassifier):
         weight_decay: AdamW weight decay (none on the online classifier).
         warmup_epochs: linear warm-up before the cosine decay.
         knn_k: neighbours of the kNN monitor.
+        online_lr: the online classifier's own learning rate (global batch of 256): a linear
+            head on fixed-scale features wants a larger one than the backbone, or the monitor
+            lags behind the features it measures.
         small_input_stem: a 3x3 stride-1 stem without max-pool for small images (see
             ``create_backbone``).
     """
@@ -43,6 +46,7 @@ class SelfSupervisedModule(EvalSetClassifier):
         weight_decay: float = 1e-4,
         warmup_epochs: int = 1,
         knn_k: int = 20,
+        online_lr: float = 0.004,
         small_input_stem: bool = False,
     ) -> None:
         super().__init__()
@@ -90,7 +94,11 @@ class SelfSupervisedModule(EvalSetClassifier):
         classifier = set(self.online_classifier.parameters())
         groups = [
             {"params": [p for p in self.parameters() if p.requires_grad and p not in classifier]},
-            {"params": list(classifier), "weight_decay": 0.0},
+            {
+                "params": list(classifier),
+                "weight_decay": 0.0,
+                "lr": scaled_lr(self.trainer, self.hparams.online_lr),
+            },
         ]
         optimizer = torch.optim.AdamW(
             groups,

@@ -209,3 +209,15 @@ def test_ddp_fit_on_two_processes_keeps_ranks_in_step(method, tmp_path):
     assert ranks[0]["metrics"] and ranks[0]["metrics"] == ranks[1]["metrics"]  # synced
     if method == "simclr":  # negatives gathered from both ranks: the loss of the global batch
         assert ranks[0]["mean_rank_loss"] == pytest.approx(ranks[0]["global_batch_loss"], abs=1e-5)
+
+
+def test_online_classifier_has_its_own_learning_rate_and_no_weight_decay(datamodule, tmp_path):
+    module = _module(SimCLRModule, datamodule, lr=0.001, online_lr=0.004)
+    trainer = _trainer(tmp_path, max_steps=1, max_epochs=-1, limit_val_batches=0)
+    trainer.fit(module, datamodule)
+    backbone, classifier = trainer.optimizers[0].param_groups
+    assert classifier["params"] == list(module.online_classifier.parameters())
+    assert classifier["weight_decay"] == 0 and backbone["weight_decay"] == 1e-4
+    # Both scaled by the global batch (16 / 256) and by the same schedule.
+    assert classifier["initial_lr"] == pytest.approx(0.004 * 16 / 256)
+    assert backbone["initial_lr"] == pytest.approx(0.001 * 16 / 256)
