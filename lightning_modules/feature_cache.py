@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from datamodules.cache import write_array_atomic, write_text_atomic
@@ -46,8 +48,15 @@ def load_or_extract(
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    strategy: Strategy | None = None,
 ) -> dict[FeatureKey, torch.Tensor]:
-    """``{key: (N, dim) float16}`` features of every image of ``dataset``, in dataset order."""
+    """``{key: (N, dim) float16}`` features of every image of ``dataset``, in dataset order.
+
+    Under a multi-process ``strategy`` (every rank calls this together) each rank extracts one
+    contiguous shard of the images; rank zero joins the shards into the cache, then every rank
+    reads it. An image's features do not depend on its batch, so the cache is bit-identical to a
+    single process's.
+    """
     folder = Path(cache_dir) / "features"
     name = hashlib.sha256(f"{source.fingerprint()}:{split_fingerprint(dataset)}".encode())
     name = name.hexdigest()[:24]
@@ -71,28 +80,60 @@ def load_or_extract(
             "layers/timesteps (or mode: online)"
         )
 
-    def fill(array: np.ndarray) -> None:
-        # Its own generator: extraction must not shift the global random stream that shuffles
-        # training batches, or cached and online probes would see batches in another order.
-        loader = DataLoader(dataset, batch_size=batch_size, generator=torch.Generator())
-        row = 0
-        for images, _, indices in tqdm(loader, desc="extracting features", disable=not progress):
-            features = source(images.to(device), indices)
-            block = torch.cat([features[key].float() for key in source.keys], dim=1)
-            array[row : row + len(images)] = block.cpu().numpy().astype(np.float16)
-            row += len(images)
+    def extract(images: Dataset) -> Callable[[np.ndarray], None]:
+        def fill(array: np.ndarray) -> None:
+            # Its own generator: extraction must not shift the global random stream that
+            # shuffles training batches, or cached and online probes would see other batches.
+            loader = DataLoader(images, batch_size=batch_size, generator=torch.Generator())
+            row = 0
+            for batch, _, indices in tqdm(loader, desc="extracting features", disable=not progress):
+                features = source(batch.to(device), indices)
+                block = torch.cat([features[key].float() for key in source.keys], dim=1)
+                array[row : row + len(batch)] = block.cpu().numpy().astype(np.float16)
+                row += len(batch)
 
-    write_array_atomic(array_path, (len(dataset), total), np.float16, fill)
-    index = {
-        "version": FEATURE_CACHE_VERSION,
-        "settings": source.settings(),
-        "count": len(dataset),
-        "keys": [[_key_text(key), dims[key]] for key in source.keys],
-    }
-    write_text_atomic(index_path, json.dumps(index))
+        return fill
+
+    world = strategy.world_size if strategy is not None else 1
+    if world == 1:
+        write_array_atomic(array_path, (len(dataset), total), np.float16, extract(dataset))
+    else:
+        shards = [folder / f"{name}.shard{r}of{world}.npy" for r in range(world)]
+        rows = np.array_split(np.arange(len(dataset)), world)[strategy.global_rank]
+        shard = Subset(dataset, rows.tolist())
+        write_array_atomic(
+            shards[strategy.global_rank], (len(rows), total), np.float16, extract(shard)
+        )
+        strategy.barrier("feature shards written")
+        if strategy.is_global_zero:
+            parts = [np.load(path, mmap_mode="r") for path in shards]
+
+            def join(array: np.ndarray) -> None:
+                array[:] = np.concatenate(parts)
+
+            write_array_atomic(array_path, (len(dataset), total), np.float16, join)
+            for path in shards:
+                path.unlink()
+    if strategy is None or strategy.is_global_zero:
+        _write_index(index_path, source, dims, len(dataset))
+    if world > 1:
+        strategy.barrier("feature cache joined")
     loaded = _load(array_path, index_path, len(dataset), source)
     assert loaded is not None, f"feature cache {array_path} unreadable right after writing it"
     return loaded
+
+
+def _write_index(
+    index_path: Path, source: FeatureSource, dims: dict[FeatureKey, int], count: int
+) -> None:
+    """Written last: its presence says the array beside it is complete."""
+    index = {
+        "version": FEATURE_CACHE_VERSION,
+        "settings": source.settings(),
+        "count": count,
+        "keys": [[_key_text(key), dims[key]] for key in source.keys],
+    }
+    write_text_atomic(index_path, json.dumps(index))
 
 
 def _load(

@@ -157,6 +157,7 @@ class ProbeModule(L.LightningModule):
                 self.hparams.extract_batch_size,
                 self.device,
                 progress=self.trainer.is_global_zero,
+                strategy=self.trainer.strategy,
             )
             self._cached[split] = self._stack(features)
         return self._cached[split]
@@ -211,16 +212,12 @@ class ProbeModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.features.eval()
         if self.hparams.mode == "cached":
-            self._extract_on_rank_zero_first("train", "val")
+            self._extract("train", "val")
         if self.hparams.standardize == "train":
             self._standardize_from_training_set()
 
-    def _extract_on_rank_zero_first(self, *splits: str) -> None:
-        """Rank zero fills the feature cache; the other ranks then read it."""
-        if self.trainer.is_global_zero:
-            for split in splits:
-                self._split_features(split)
-        self.trainer.strategy.barrier("feature cache")
+    def _extract(self, *splits: str) -> None:
+        """Fill the feature cache of ``splits``, every rank extracting its shard together."""
         for split in splits:
             self._split_features(split)
 
@@ -352,7 +349,7 @@ class ProbeModule(L.LightningModule):
         self.features.eval()
         names = self.eval_set_names()
         if self.hparams.mode == "cached":
-            self._extract_on_rank_zero_first(*names)
+            self._extract(*names)
         heads = len(self.keys) + (1 if len(self.fusion_keys) else 0)
         self.test_grids = nn.ModuleList(
             GridConfusion(heads, self.hparams.num_classes) for _ in names

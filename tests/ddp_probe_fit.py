@@ -22,7 +22,7 @@ if __name__ == "__main__":
     )  # fmt: skip
     probe = ProbeModule(
         PlantedFeatures(), num_classes=CLASSES, solver="lbfgs", fusion_top_k=0,
-        cache_dir=str(out / "cache"),
+        cache_dir=str(out / f"features{devices}"),  # each run extracts its own
     )  # fmt: skip
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",

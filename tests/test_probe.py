@@ -159,6 +159,12 @@ def test_ddp_probe_matches_one_process(tmp_path):
             env={**os.environ, "PYTHONPATH": f"{REPOSITORY}{os.pathsep}{REPOSITORY / 'tests'}"},
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
+    # Two ranks extracted a shard each: the joined cache equals one process's, bit for bit.
+    caches = [sorted((tmp_path / f"features{d}" / "features").glob("*.npy")) for d in (1, 2)]
+    assert [p.name for p in caches[0]] == [p.name for p in caches[1]] and caches[0]
+    for single, sharded in zip(*caches, strict=True):
+        assert np.array_equal(np.load(single), np.load(sharded))
+    assert not list((tmp_path / "features2" / "features").glob("*shard*"))
     one, two = (torch.load(tmp_path / f"scores{d}.pt", weights_only=True) for d in (1, 2))
     # Full-batch L-BFGS gives the same heads; validation under DDP may count a padded duplicate.
     assert torch.allclose(one["weight"], two["weight"], atol=1e-4)
