@@ -83,8 +83,7 @@ class Experiment:
                 f"{path}: missing sections {missing}; see configs/experiments/demo.yaml"
             )
         baselines = settings["baselines"]
-        unknown = sorted(set(baselines) - set(ENCODERS))
-        if unknown or set(baselines) != set(ENCODERS):
+        if set(baselines) != set(ENCODERS):
             raise ValueError(
                 f"{path}: baselines must be exactly {list(ENCODERS)}, got {sorted(baselines)}"
             )
@@ -153,6 +152,34 @@ class ExperimentRunner:
     def stage_dir(self, stage: str) -> Path:
         return self.out / stage
 
+    def checkpoint(self, run: str) -> Path:
+        return self.out / "runs" / run / "checkpoints" / "last.ckpt"
+
+    @staticmethod
+    def encoder_run(name: str, regime: str) -> str:
+        """The supervised encoder is trained per regime, the label-free ones once."""
+        return f"{name}_{regime}" if name == "supervised" else name
+
+    def feature_sources(self, regime: str) -> dict[str, tuple[MethodRun, Path]]:
+        """Every method's probe config and the checkpoint its features come from."""
+        experiment = self.experiment
+        sources = {"diffusion": (experiment.probe_diffusion, self.checkpoint("diffusion"))}
+        for name in ENCODERS:
+            run = self.encoder_run(name, regime)
+            sources[name] = (experiment.probe_encoder, self.checkpoint(run))
+        return sources
+
+    def data_arguments(self, regime: str) -> list[str]:
+        """The experiment's data config and changes, for a CLI of any method."""
+        overrides = {f"data.{k}": v for k, v in self.experiment.data_overrides.items()}
+        return [
+            "--data",
+            str(self.experiment.data),
+            *cli_arguments(overrides),
+            "--data.regime",
+            regime,
+        ]
+
     def force(self, stage: str) -> None:
         """Forget ``stage`` and every later one, so they run again from scratch."""
         if stage not in STAGES:
@@ -191,9 +218,7 @@ class ExperimentRunner:
         trainer = {f"trainer.{k}": v for k, v in self.experiment.trainer_overrides.items()}
         arguments = [
             "--config", str(method.config),
-            "--data", str(self.experiment.data),
-            *cli_arguments({f"data.{k}": v for k, v in self.experiment.data_overrides.items()}),
-            "--data.regime", regime,
+            *self.data_arguments(regime),
             "--trainer.max_epochs", str(method.max_epochs),
             "--trainer.default_root_dir", str(folder),
             "--trainer.logger", json.dumps(logger),
@@ -209,7 +234,7 @@ class ExperimentRunner:
         """Train one run into ``runs/<name>`` (resuming from its ``last.ckpt``) unless done;
         returns the CLI (None when done earlier) and the final checkpoint."""
         folder = self.out / "runs" / name
-        checkpoint = folder / "checkpoints" / "last.ckpt"
+        checkpoint = self.checkpoint(name)
         if (folder / "done.json").exists():
             return None, checkpoint
         cli = self._cli(method, regime, folder, extra)
@@ -263,7 +288,6 @@ class ExperimentRunner:
         _, checkpoint = self.fit("diffusion", experiment.diffusion, experiment.pretrain_regime)
         self._samples_next_to_real(checkpoint)
         self.finish("diffusion")
-        write_json(self.stage_dir("diffusion") / "checkpoint.json", {"path": str(checkpoint)})
 
     def _samples_next_to_real(self, checkpoint: Path) -> None:
         from cli import datamodule_from_config
@@ -287,7 +311,7 @@ class ExperimentRunner:
         for name in ENCODERS:
             regimes = experiment.regimes if name == "supervised" else [experiment.pretrain_regime]
             for regime in regimes:
-                run = f"{name}_{regime}" if name == "supervised" else name
+                run = self.encoder_run(name, regime)
                 cli, _ = self.fit(run, experiment.baselines[name], regime)
                 if cli is None:
                     continue
@@ -295,18 +319,9 @@ class ExperimentRunner:
                     self._evaluate(cli, run, regime, "supervised end to end")
                 self.finish(run)
 
-    def encoder_checkpoint(self, name: str, regime: str) -> Path:
-        run = f"{name}_{regime}" if name == "supervised" else name
-        return self.out / "runs" / run / "checkpoints" / "last.ckpt"
-
     def stage_probes(self) -> None:
-        experiment = self.experiment
-        diffusion = self.out / "runs" / "diffusion" / "checkpoints" / "last.ckpt"
-        for regime in experiment.regimes:
-            sources = {"diffusion": (experiment.probe_diffusion, diffusion)}
-            for name in ENCODERS:
-                sources[name] = (experiment.probe_encoder, self.encoder_checkpoint(name, regime))
-            for name, (method, checkpoint) in sources.items():
+        for regime in self.experiment.regimes:
+            for name, (method, checkpoint) in self.feature_sources(regime).items():
                 run = f"probe_{name}_{regime}"
                 extra = {"model.init_args.features.init_args.checkpoint": str(checkpoint)}
                 cli, _ = self.fit(run, method, regime, extra)
@@ -344,16 +359,10 @@ class ExperimentRunner:
 
         experiment = self.experiment
         regime = experiment.pretrain_regime
-        diffusion = self.out / "runs" / "diffusion" / "checkpoints" / "last.ckpt"
-        sources = {"diffusion": (experiment.probe_diffusion, diffusion)}
-        for name in ENCODERS:
-            sources[name] = (experiment.probe_encoder, self.encoder_checkpoint(name, regime))
-        for name, (method, checkpoint) in sources.items():
+        for name, (method, checkpoint) in self.feature_sources(regime).items():
             out = self.stage_dir("clustering") / name
             arguments = [
-                "--data", str(experiment.data),
-                *cli_arguments({f"data.{k}": v for k, v in experiment.data_overrides.items()}),
-                "--data.regime", regime,
+                *self.data_arguments(regime),
                 *cli_arguments(method.overrides),
                 "--model.init_args.features.init_args.checkpoint", str(checkpoint),
             ]  # fmt: skip
