@@ -11,11 +11,8 @@ runs no code from it.
 
 from __future__ import annotations
 
-import csv
 import inspect
-import io
 import pickle
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from datamodules.cache import write_text_atomic
+from datamodules.cache import write_csv_atomic
 from datamodules.preprocessing import (
     IMAGE_SUFFIXES,
     ImageReadError,
@@ -250,15 +247,13 @@ def classify_folder(
     skipped_path = out.with_name(f"{out.stem}_skipped.csv")
     header = ["path"] + [f"{kind}_{i}" for i in range(1, k + 1) for kind in ("label", "prob")]
     order = sorted(range(len(classes)), key=lambda i: -counts[i])  # ties keep the class order
-    write_text_atomic(out, _csv_text(header, rows))
-    write_text_atomic(
+    write_csv_atomic(out, header, rows)
+    write_csv_atomic(
         counts_path,
-        _csv_text(
-            ["class", "count", "fraction"],
-            [[classes[i], counts[i], f"{counts[i] / len(rows):.4f}"] for i in order],
-        ),
+        ["class", "count", "fraction"],
+        [[classes[i], counts[i], f"{counts[i] / len(rows):.4f}"] for i in order],
     )
-    write_text_atomic(skipped_path, _csv_text(["path", "reason"], skipped))
+    write_csv_atomic(skipped_path, ["path", "reason"], skipped)
     return {
         "images": len(rows),
         "skipped": len(skipped),
@@ -278,11 +273,3 @@ def _classify(module: Classifier, images: torch.Tensor, indices: torch.Tensor) -
     if isinstance(module, ProbeModule):
         return module.classify(images, indices)
     return module.classify(images)
-
-
-def _csv_text(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()

@@ -16,10 +16,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn.metrics import confusion_matrix, f1_score  # noqa: E402
 
-from datamodules.cache import write_text_atomic  # noqa: E402
+from datamodules.cache import write_csv_atomic, write_text_atomic  # noqa: E402
 from lightning_modules.probe_reports import confusion_figure  # noqa: E402
 
-from .experiment import STAGES  # noqa: E402
+from .experiment import ENCODERS, STAGES  # noqa: E402
 
 # (row of the main table, run folder prefix, metric prefix in results.json)
 ROWS = [
@@ -82,6 +82,7 @@ def _main_tables(records: list[dict]) -> list[str]:
     lines = []
     for regime in dict.fromkeys(r["regime"] for r in records):
         chosen = [r for r in records if r["regime"] == regime]
+        cell = {(r["method"], r["eval_set"], r["metric"]): r for r in chosen}
         eval_sets = list(dict.fromkeys(r["eval_set"] for r in chosen))
         header = ["method"]
         for eval_set in eval_sets:
@@ -95,16 +96,11 @@ def _main_tables(records: list[dict]) -> list[str]:
                 cells[0] += f" `{key[0]}` t={key[1]}" if key[1] is not None else ""
             for eval_set in eval_sets:
                 for metric in ("acc", "macro_f1"):
-                    found = [
-                        r
-                        for r in chosen
-                        if r["method"] == method and r["eval_set"] == eval_set
-                        and r["metric"] == metric
-                    ]  # fmt: skip
-                    if not found:
+                    record = cell.get((method, eval_set, metric))
+                    if record is None:
                         cells.append("")
                         continue
-                    value, drop = found[0]["value"], found[0]["drop_from_test"]
+                    value, drop = record["value"], record["drop_from_test"]
                     shown = f"{value:.3f}"
                     if eval_set != "test" and drop is not None:
                         shown += f" ({-drop:+.3f})"
@@ -118,15 +114,19 @@ def _main_tables(records: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def _resolution_table(run_dir: Path, regime: str) -> list[str]:
-    """Best validation macro-F1 per U-Net resolution, so it is plain which feature size wins."""
+def _unet_blocks(run_dir: Path) -> dict:
+    """The diffusion U-Net's block info (resolution of every layer), or {} before it is trained."""
     from lightning_modules.diffusion import load_diffusion
 
-    table = run_dir / "runs" / f"probe_diffusion_{regime}" / "probe_results.csv"
     checkpoint = run_dir / "runs" / "diffusion" / "checkpoints" / "last.ckpt"
-    if not table.exists() or not checkpoint.exists():
+    return load_diffusion(checkpoint).ema.info if checkpoint.exists() else {}
+
+
+def _resolution_table(run_dir: Path, regime: str, info: dict) -> list[str]:
+    """Best validation macro-F1 per U-Net resolution, so it is plain which feature size wins."""
+    table = run_dir / "runs" / f"probe_diffusion_{regime}" / "probe_results.csv"
+    if not table.exists() or not info:
         return []
-    info = load_diffusion(checkpoint).ema.info
     best: dict[int, tuple[float, str]] = {}
     with open(table, newline="") as handle:
         for row in csv.DictReader(handle):
@@ -145,7 +145,7 @@ def _resolution_table(run_dir: Path, regime: str) -> list[str]:
 def _clustering_table(run_dir: Path) -> list[str]:
     lines = ["| features | key | NMI | ARI | purity |", "|---|---|---|---|---|"]
     found = False
-    for source in ("diffusion", "supervised", "simclr", "dino"):
+    for source in ("diffusion", *ENCODERS):
         path = run_dir / "clustering" / source / "clustering.csv"
         if not path.exists():
             continue
@@ -242,7 +242,7 @@ def _compute_table(run_dir: Path) -> list[str]:
             f"| {c['method']} | {c['regime']} | {c['epochs']} | {c['images_seen']:,} | "
             f"{c['batch_size']} | {c['wall_s']:.0f}{resumed} | {c['trainable_parameters']:,} | "
             f"{c['parameters']:,} | {c['precision']} | "
-            f"{c['devices']} x {c.get('accelerator', 'device')} |"
+            f"{c['devices']} x {c['accelerator']} |"
         )
     return lines + [
         "",
@@ -267,15 +267,7 @@ def build_report(run_dir: str | Path) -> Path:
     records = collect_results(run_dir)
     write_text_atomic(run_dir / "results.json", json.dumps(records, indent=2))
     columns = ["regime", "method", "eval_set", "metric", "value", "drop_from_test", "key"]
-    text = (
-        ",".join(columns)
-        + "\n"
-        + "".join(
-            ",".join("" if r[c] is None else str(r[c]).replace(",", ";") for c in columns) + "\n"
-            for r in records
-        )
-    )
-    write_text_atomic(run_dir / "results.csv", text)
+    write_csv_atomic(run_dir / "results.csv", columns, ([r[c] for c in columns] for r in records))
 
     regimes = experiment.get("regimes", ["balanced", "long_tailed"])
     pretrain = experiment.get("pretrain_regime", "long_tailed")
@@ -300,6 +292,7 @@ def build_report(run_dir: str | Path) -> Path:
         "## Diffusion features: layers x timesteps",
         "",
     ]
+    blocks = _unet_blocks(run_dir)
     for regime in regimes:
         folder = run_dir / "runs" / f"probe_diffusion_{regime}"
         for metric in ("acc", "macro_f1"):
@@ -307,7 +300,7 @@ def build_report(run_dir: str | Path) -> Path:
             if heatmap.exists():
                 shutil.copy(heatmap, figures / f"heatmap_{regime}_{metric}.png")
                 lines.append(f"![{regime} {metric}](figures/heatmap_{regime}_{metric}.png)")
-        lines += ["", *_resolution_table(run_dir, regime)]
+        lines += ["", *_resolution_table(run_dir, regime, blocks)]
     clustering = _clustering_table(run_dir)
     if clustering:
         lines += ["## k-means clustering", "", *clustering]
