@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +29,23 @@ def isolated_cache(session_cache, monkeypatch):
 @pytest.fixture
 def tiny_spec() -> SyntheticPlankton:
     return SyntheticPlankton(classes=4, per_class=24, imbalance=4.0, size=32, seed=3)
+
+
+def run_script(name: str, *args: object) -> None:
+    """Run ``tests/<name>`` in its own process (DDP launches its ranks from a script) and fail
+    with the end of its error output if it fails."""
+    result = subprocess.run(
+        [sys.executable, str(REPOSITORY / "tests" / name), *map(str, args)],
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(REPOSITORY), str(REPOSITORY / "tests")]),
+        },
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def shared_dataset(name: str) -> Path:

@@ -1,11 +1,7 @@
-import os
-import subprocess
-import sys
-
 import lightning as L
 import pytest
 import torch
-from conftest import REPOSITORY
+from conftest import run_script
 
 from datamodules import PlanktonDataModule
 from datamodules.views import eval_view
@@ -193,15 +189,7 @@ def test_encoder_features_refuse_a_checkpoint_of_another_kind(tmp_path):
 
 @pytest.mark.parametrize("method", ["supervised", "simclr"])
 def test_ddp_fit_on_two_processes_keeps_ranks_in_step(method, tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(REPOSITORY / "tests" / "ddp_baseline_fit.py"), method, str(tmp_path)],
-        cwd=REPOSITORY,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script("ddp_baseline_fit.py", method, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0]["step"] == ranks[1]["step"] > 0
     for name, value in ranks[0]["weights"].items():

@@ -1,12 +1,10 @@
 import os
-import subprocess
-import sys
 
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPOSITORY
+from conftest import run_script
 
 from datamodules import PlanktonDataModule
 from lightning_modules import DiffusionFeatures, DiffusionModule, load_diffusion
@@ -282,15 +280,7 @@ def test_from_checkpoint_reads_the_ema_weights(tmp_path, trained_module):
 
 @pytest.mark.slow
 def test_ddp_fit_keeps_ema_identical_on_both_ranks(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(REPOSITORY / "tests" / "ddp_diffusion_fit.py"), str(tmp_path)],
-        cwd=REPOSITORY,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script("ddp_diffusion_fit.py", tmp_path)
     ranks = [torch.load(tmp_path / f"ema_rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0]["step"] == ranks[1]["step"] > 0
     for name, value in ranks[0]["ema"].items():

@@ -1,13 +1,10 @@
 import csv
-import os
-import subprocess
-import sys
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import REPOSITORY
+from conftest import run_script
 from planted import CLASSES, PlantedFeatures, write_planted_images
 from sklearn.metrics import accuracy_score, f1_score
 
@@ -151,14 +148,8 @@ def test_lbfgs_needs_cached_features():
 
 @pytest.mark.slow
 def test_ddp_probe_matches_one_process(tmp_path):
-    script = REPOSITORY / "tests" / "ddp_probe_fit.py"
     for devices in (1, 2):
-        result = subprocess.run(
-            [sys.executable, str(script), str(tmp_path), str(devices)],
-            cwd=REPOSITORY, capture_output=True, text=True, timeout=240,
-            env={**os.environ, "PYTHONPATH": f"{REPOSITORY}{os.pathsep}{REPOSITORY / 'tests'}"},
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
+        run_script("ddp_probe_fit.py", tmp_path, devices)
     # Two ranks extracted a shard each: the joined cache equals one process's, bit for bit.
     caches = [sorted((tmp_path / f"features{d}" / "features").glob("*.npy")) for d in (1, 2)]
     assert [p.name for p in caches[0]] == [p.name for p in caches[1]] and caches[0]
