@@ -33,6 +33,7 @@ from lightning_modules.clustering import cluster_scores
 from lightning_modules.diffusion import DiffusionModule, load_diffusion
 from lightning_modules.feature_cache import load_or_extract
 from lightning_modules.probe_reports import heatmap_figure
+from lightning_modules.trainer import PlanktonTrainer
 
 SUITE_COMMANDS = {
     "data": "synthesise or inspect a dataset",
@@ -60,6 +61,7 @@ class PlanktonCLI(LightningCLI):
         super().__init__(
             model_class=LightningModule,
             datamodule_class=PlanktonDataModule,
+            trainer_class=PlanktonTrainer,
             subclass_mode_model=True,
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
