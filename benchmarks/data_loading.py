@@ -84,9 +84,9 @@ def check_same_items(cached: PlanktonImages, decoded: DecodedImages, samples: in
             raise RuntimeError(f"item {index}: the decoded image differs from the cached one")
 
 
-def images_per_second(dataset: Dataset) -> float:
+def images_per_second(loader: DataLoader) -> float:
     start = time.perf_counter()
-    count = sum(len(labels) for _, labels, _ in DataLoader(dataset, batch_size=BATCH_SIZE))
+    count = sum(len(labels) for _, labels, _ in loader)
     return count / (time.perf_counter() - start)
 
 
@@ -111,8 +111,8 @@ def main() -> None:
         cached = datamodule.dataset("train")
         decoded = DecodedImages(cached, datamodule.preprocessing)
         check_same_items(cached, decoded)
-        cache_rate = images_per_second(cached)
-        pil_rate = images_per_second(decoded)
+        cache_rate = images_per_second(cached.loader(BATCH_SIZE))
+        pil_rate = images_per_second(DataLoader(decoded, batch_size=BATCH_SIZE))
     print(
         f"{description}: train split of {len(cached)} images, {datamodule.num_classes} classes, "
         f"{args.image_size} px, batches of {BATCH_SIZE}, num_workers 0"

@@ -21,7 +21,6 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from harness import argument_parser, print_figures, work_dir
-from torch.utils.data import DataLoader
 
 from datamodules import PlanktonDataModule, SyntheticPlankton
 from lightning_modules import DiffusionFeatures, DiffusionModule, ProbeModule
@@ -61,9 +60,7 @@ def train_heads(
     train = data.dataset("train")
     generator = torch.Generator().manual_seed(0)
     for _ in range(EPOCHS):
-        for images, labels, indices in DataLoader(
-            train, batch_size=BATCH_SIZE, shuffle=True, generator=generator
-        ):
+        for images, labels, indices in train.loader(BATCH_SIZE, shuffle=True, generator=generator):
             features = source(images, indices)
             loss = sum(
                 F.cross_entropy(head(features[key]), labels)
@@ -74,7 +71,7 @@ def train_heads(
             optimizer.step()
     grid = GridConfusion(len(keys), data.num_classes)
     with torch.no_grad():
-        for images, labels, indices in DataLoader(data.dataset("val"), batch_size=256):
+        for images, labels, indices in data.dataset("val").loader(256):
             features = source(images, indices)
             preds = [head(features[k]).argmax(-1) for head, k in zip(heads, keys, strict=True)]
             grid.update(torch.stack(preds), labels)

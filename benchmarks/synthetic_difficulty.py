@@ -21,11 +21,11 @@ from sklearn.metrics import accuracy_score, f1_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
-from torch.utils.data import DataLoader
 
 from cli import datamodule_from_config
 from datamodules.datamodule import PlanktonDataModule
 from datamodules.views import supervised_view
+from lightning_modules.trainer import resolve_precision
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "data" / "synthetic.yaml"
 EPOCHS, QUICK_EPOCHS = 60, 20
@@ -37,7 +37,7 @@ WEIGHT_DECAY = 0.05
 def split_arrays(datamodule: PlanktonDataModule, split: str) -> tuple[torch.Tensor, np.ndarray]:
     """Every image of ``split`` in the evaluation view (values in [-1, 1]), and the labels."""
     dataset = datamodule.dataset(split)
-    images, labels, _ = next(iter(DataLoader(dataset, batch_size=len(dataset))))
+    images, labels, _ = next(iter(dataset.loader(len(dataset))))
     return images, labels.numpy()
 
 
@@ -71,21 +71,25 @@ def conv_net(channels: int, num_classes: int) -> nn.Sequential:
     )
 
 
+def autocast() -> torch.autocast:
+    """bfloat16 where this CPU computes in it (``precision: auto``'s rule), else float32."""
+    native = resolve_precision("cpu")[0] == "bf16-mixed"
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=native)
+
+
 def train_cnn(datamodule: PlanktonDataModule, epochs: int) -> nn.Module:
     """``conv_net`` trained with AdamW and a one-cycle schedule on the suite's supervised view
     (crops, flips, 90-degree rotations, brightness and contrast)."""
     view = supervised_view(datamodule.image_size, datamodule.channels)
     # drop_last: a final batch of one image would break BatchNorm.
-    loader = DataLoader(
-        datamodule.dataset("train", view), batch_size=BATCH_SIZE, shuffle=True, drop_last=True
-    )
+    loader = datamodule.dataset("train", view).loader(BATCH_SIZE, shuffle=True, drop_last=True)
     model = conv_net(datamodule.channels, datamodule.num_classes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, LR, total_steps=epochs * len(loader))
     model.train()
     for _ in range(epochs):
         for images, labels, _ in loader:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with autocast():
                 loss = F.cross_entropy(model(images), labels)
             optimizer.zero_grad()
             loss.backward()
@@ -95,7 +99,7 @@ def train_cnn(datamodule: PlanktonDataModule, epochs: int) -> nn.Module:
 
 
 def predict(model: nn.Module, images: torch.Tensor) -> np.ndarray:
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), autocast():
         return model(images).argmax(dim=1).numpy()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -24,48 +25,78 @@ IN_DISTRIBUTION = (*FIXED_SPLITS, TRAINVAL, None)
 
 
 class PlanktonImages(Dataset):
-    """Images of one split, read from the cache. Items are ``(image, label, index)``; ``index``
-    is the image's position in this split, a stable identity for per-image randomness.
+    """Images of one split, read from the cache a whole batch at a time.
 
-    ``batched_transform`` marks a deterministic view that works on a whole batch at once (the
-    evaluation view): the DataLoader then reads a batch with one cache access and one transform
-    call instead of one per image, which is most of the cost of an evaluation epoch.
+    Items are ``(image, label, index)``; ``index`` is the image's position in this split, a
+    stable identity for per-image randomness. A DataLoader's batch is read with one access to the
+    cache and transformed with one call of the (batched) view, on the device the images are on:
+    ``__getitems__`` returns the collated batch ``(images, labels, indices)``, so read it through
+    ``loader`` (or a DataLoader with ``collate_fn=keep_batch``).
+
+    Args:
+        images: the dataset's cache file (read memory-mapped, opened once per worker), or the
+            split's images already in memory, ``(len(rows), C, S, S)`` uint8 on any device: then
+            batches are drawn and augmented on that device, without workers.
+        rows: each image's row in the cache file.
+        labels: each image's class index.
+        transform: the batched view applied to every batch.
     """
 
     def __init__(
         self,
-        cache_path: Path,
+        images: Path | torch.Tensor,
         rows: np.ndarray,
         labels: np.ndarray,
         transform: View,
-        batched_transform: bool = False,
     ) -> None:
-        self.cache_path = cache_path
         self.rows = rows
         self.labels = labels
         self.transform = transform
-        self.batched_transform = batched_transform
-        self._images: np.ndarray | None = None
+        self.resident = isinstance(images, torch.Tensor)
+        self.cache_path = None if self.resident else images
+        self._images = images if self.resident else None
+        self._labels = torch.as_tensor(labels, device=images.device) if self.resident else None
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _read(self, rows: np.ndarray | int) -> torch.Tensor:
+    def _read(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.resident:
+            at = torch.as_tensor(positions, device=self._images.device)
+            return self._images[at], self._labels[at], at
         if self._images is None:  # opened lazily, once per DataLoader worker
             self._images = np.load(self.cache_path, mmap_mode="r")
-        return torch.from_numpy(np.array(self._images[rows]))
+        images = torch.from_numpy(np.array(self._images[self.rows[positions]]))
+        return images, torch.as_tensor(self.labels[positions]), torch.as_tensor(positions)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        return self.transform(self._read(self.rows[index])), int(self.labels[index]), index
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | list[torch.Tensor], int, int]:
+        images, _, _ = self._read([index])
+        views = self.transform(images)
+        image = [view[0] for view in views] if isinstance(views, list) else views[0]
+        return image, int(self.labels[index]), index
 
-    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int, int]]:
-        if not self.batched_transform:
-            return [self[index] for index in indices]
-        images = self.transform(self._read(self.rows[indices]))
-        return list(zip(images, self.labels[indices].tolist(), indices, strict=True))
+    def __getitems__(self, positions: list[int]) -> tuple:
+        images, labels, positions = self._read(positions)
+        return self.transform(images), labels, positions
+
+    def loader(self, batch_size: int, **options: object) -> DataLoader:
+        """A DataLoader of whole batches; ``options`` are DataLoader arguments."""
+        return DataLoader(self, batch_size=batch_size, collate_fn=keep_batch, **options)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_images": None}
+        return {**self.__dict__, "_images": self._images if self.resident else None}
+
+
+def keep_batch(batch: tuple) -> tuple:
+    """The collate function of ``PlanktonImages``: its batches come collated already."""
+    return batch
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory of ``device``: the GPU's, or the machine's RAM for a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 @dataclass
@@ -136,6 +167,10 @@ class PlanktonDataModule(L.LightningDataModule):
         num_workers: DataLoader workers, also used to build the cache.
         sampler: ``shuffle``, or ``class_balanced`` to draw every class equally often.
         predict_set: the split ``predict`` runs on (``test``, ``val``, ``train`` or an OOD name).
+        resident_fraction: a split whose uint8 images fit, with the splits already there, in
+            this fraction of the training device's memory (the GPU's; the RAM for a CPU) is
+            copied to the device once; its batches are then drawn and augmented there, with no
+            worker process. 0 reads every batch from the disk cache (with ``num_workers``).
         progress: show progress bars for generation and caching.
     """
 
@@ -165,6 +200,7 @@ class PlanktonDataModule(L.LightningDataModule):
         num_workers: int = 0,
         sampler: Literal["shuffle", "class_balanced"] = "shuffle",
         predict_set: str = "test",
+        resident_fraction: float = 0.25,
         progress: bool = True,
     ) -> None:
         super().__init__()
@@ -198,6 +234,8 @@ class PlanktonDataModule(L.LightningDataModule):
         self.sampler = sampler
         self.predict_set = predict_set
         self.progress = progress
+        self.resident_fraction = resident_fraction
+        self._on_device: dict[tuple[str, str], torch.Tensor] = {}
         self._splits: dict[str, _Split] | None = None
         self._summary: DatasetSummary | None = None
 
@@ -392,58 +430,104 @@ class PlanktonDataModule(L.LightningDataModule):
             warnings.warn(note, stacklevel=3)
 
     # -- datasets and loaders ----------------------------------------------------------------
-    def dataset(self, split: str, transform: View | None = None) -> PlanktonImages:
+    def dataset(
+        self, split: str, transform: View | None = None, device: torch.device | None = None
+    ) -> PlanktonImages:
         """The images of ``split`` (train, val, test or an OOD set name), evaluation view by
-        default."""
-        self.summary  # noqa: B018
-        assert self._splits is not None
-        if split not in self._splits:
-            raise KeyError(f"no split {split!r}; available: {sorted(self._splits)}")
-        part = self._splits[split]
+        default. With ``device``, the split's images are held there when they fit in
+        ``resident_fraction`` of its memory (see the class docstring)."""
+        splits = self._splits_or_build()
+        if split not in splits:
+            raise KeyError(f"no split {split!r}; available: {sorted(splits)}")
+        part = splits[split]
         index = {c: i for i, c in enumerate(self.class_names)}
+        rows = np.asarray(part.rows, dtype=np.int64)
+        resident = self._resident(split, rows, part.source, device) if device else None
         return PlanktonImages(
-            part.source.path,
-            np.asarray(part.rows, dtype=np.int64),
+            part.source.path if resident is None else resident,
+            rows,
             np.asarray([index[label] for label in part.labels], dtype=np.int64),
             transform or eval_view(self.image_size, self.channels),
-            batched_transform=transform is None,
         )
 
-    def _train_view(self) -> View | None:
-        """The training view the attached model asks for (its ``train_view`` method); None, the
-        batched evaluation view, when it has none or returns none."""
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        make_view = getattr(module, "train_view", None)
-        return make_view(self.image_size, self.channels) if make_view is not None else None
+    def _resident(
+        self, split: str, rows: np.ndarray, source: CachedImages, device: torch.device
+    ) -> torch.Tensor | None:
+        """The split's uint8 images on ``device``, copied there once, or None when they would
+        take the device past ``resident_fraction`` of its memory."""
+        key = (split, str(device))
+        if key not in self._on_device:
+            size = len(rows) * int(np.prod(source.images.shape[1:]))
+            held = sum(t.nbytes for (_, d), t in self._on_device.items() if d == str(device))
+            if self.resident_fraction <= 0 or held + size > (
+                self.resident_fraction * device_memory(device)
+            ):
+                return None
+            self._on_device[key] = torch.from_numpy(np.array(source.images[rows])).to(device)
+        return self._on_device[key]
 
-    def _loader(self, dataset: PlanktonImages, train: bool = False) -> DataLoader:
-        sampler = None
+    def _model_hook(self, name: str) -> object:
+        """An optional attribute of the attached model: how it wants its data."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return getattr(module, name, None)
+
+    def _device(self) -> torch.device | None:
+        return self.trainer.strategy.root_device if self.trainer is not None else None
+
+    def _loader(
+        self,
+        split: str,
+        view: View | None = None,
+        train: bool = False,
+        positions: list[int] | None = None,
+    ) -> DataLoader:
+        dataset = self.dataset(split, view, self._device())
+        sampler = positions
         if train and self.sampler == "class_balanced":
             per_class = np.bincount(dataset.labels, minlength=self.num_classes).clip(min=1)
             weights = torch.as_tensor(1.0 / per_class[dataset.labels], dtype=torch.double)
             sampler = WeightedRandomSampler(weights, num_samples=len(dataset), replacement=True)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
+        # Resident images are read and augmented on their device: workers would only copy them.
+        workers = 0 if dataset.resident else self.num_workers
+        device = self._device()
+        return dataset.loader(
+            self.batch_size if train else self.eval_batch_size,
             shuffle=train and sampler is None,
             sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=not dataset.resident and device is not None and device.type == "cuda",
             drop_last=train and len(dataset) > self.batch_size,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("train", self._train_view()), train=True)
+        """Training batches in the view the attached model asks for (its ``train_view``
+        method); the evaluation view when it has none or returns none."""
+        make_view = self._model_hook("train_view")
+        view = make_view(self.image_size, self.channels) if make_view is not None else None
+        return self._loader("train", view, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("val"))
+        """The validation split, or the fixed subset of ``val_images`` of them (spread evenly
+        over the split) that the attached model asks for, so validation stays cheap."""
+        size = len(self._splits_or_build()["val"].rows)
+        wanted = self._model_hook("val_images")
+        positions = None
+        if wanted and wanted < size:
+            positions = np.linspace(0, size - 1, wanted).round().astype(int).tolist()
+        return self._loader("val", positions=positions)
 
     def test_dataloader(self) -> list[DataLoader]:
         """The test split, then every OOD set (``eval_set_names`` gives their names)."""
-        return [self._loader(self.dataset(name)) for name in self.eval_set_names]
+        return [self._loader(name) for name in self.eval_set_names]
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset(self.predict_set))
+        return self._loader(self.predict_set)
+
+    def _splits_or_build(self) -> dict[str, _Split]:
+        self.summary  # noqa: B018
+        assert self._splits is not None
+        return self._splits
 
 
 def _split_order(name: str) -> tuple[int, str]:

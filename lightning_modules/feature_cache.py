@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from datamodules.cache import write_array_atomic, write_text_atomic
-from datamodules.datamodule import PlanktonImages
+from datamodules.datamodule import PlanktonImages, keep_batch
 
 from .features import FeatureKey, FeatureSource
 
@@ -84,7 +84,9 @@ def load_or_extract(
         def fill(array: np.ndarray) -> None:
             # Its own generator: extraction must not shift the global random stream that
             # shuffles training batches, or cached and online probes would see other batches.
-            loader = DataLoader(images, batch_size=batch_size, generator=torch.Generator())
+            loader = DataLoader(
+                images, batch_size, collate_fn=keep_batch, generator=torch.Generator()
+            )
             row = 0
             for batch, _, indices in tqdm(loader, desc="extracting features", disable=not progress):
                 features = source(batch.to(device), indices)

@@ -228,9 +228,7 @@ class ProbeModule(L.LightningModule):
         if self.hparams.mode == "cached":
             features = self._split_features(split)
             return features.to(self.device, torch.float32).transpose(0, 1), labels
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=self.hparams.extract_batch_size, generator=torch.Generator()
-        )
+        loader = dataset.loader(self.hparams.extract_batch_size, generator=torch.Generator())
         parts = [self.batch_features(batch, split) for batch in loader]
         return torch.cat(parts, dim=1), labels
 
@@ -395,8 +393,12 @@ class ProbeModule(L.LightningModule):
         return self.logits(stacked.to(self.device, torch.float32).transpose(0, 1))[self.best_index]
 
     def predict_step(self, batch: tuple, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
-        """Class probabilities of the best key; the batch's split indices key the noise, as in
-        the feature cache, so an image gets the features it had in ``test``."""
+        """Class probabilities of the best key. A cached probe reads the split's feature cache
+        (``test`` has been extracted once already); otherwise the batch's split indices key the
+        noise, as in the cache, so an image gets the features it had in ``test``."""
+        if self.hparams.mode == "cached":
+            x = self.batch_features(batch, self.trainer.datamodule.predict_set)
+            return self.logits(x)[self.best_index].softmax(dim=-1)
         return self.classify(batch[0], batch[2]).softmax(dim=-1)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -5,7 +5,6 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from datamodules import PlanktonDataModule, Preprocessing, SyntheticPlankton
 from datamodules.cache import load_or_build
@@ -188,7 +187,7 @@ def test_a_probe_checkpoint_reloads_with_the_test_time_predictions(
     assert module.best_index == probe.best_index and module.class_names == probe.class_names
 
     # The in-memory probe's best key on the test split, through its feature cache.
-    images, labels, indices = next(iter(DataLoader(data.dataset("test"), batch_size=1000)))
+    images, labels, indices = next(iter(data.dataset("test").loader(1000)))
     with torch.no_grad():
         expected = probe.logits(probe.batch_features((images, labels, indices), "test"))
         logits = module.classify(images, indices)

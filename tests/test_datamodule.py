@@ -1,6 +1,7 @@
 import csv
 import pickle
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -215,10 +216,11 @@ def test_class_balanced_sampler_draws_classes_evenly(class_folders, tmp_path):
 def test_train_view_comes_from_the_model(class_folders, tmp_path):
     class WithView:
         def train_view(self, image_size, channels):
-            return lambda image: torch.zeros(channels, image_size, image_size) + 7
+            return lambda images: torch.zeros(len(images), channels, image_size, image_size) + 7
 
     class FakeTrainer:
         lightning_module = WithView()
+        strategy = SimpleNamespace(root_device=torch.device("cpu"))
 
     dm = _module(class_folders, tmp_path, batch_size=4)
     dm.trainer = FakeTrainer()
