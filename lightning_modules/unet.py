@@ -82,10 +82,13 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
         qkv = self.qkv(self.norm(x).reshape(batch, channels, -1))
-        q, k, v = qkv.reshape(batch, 3, self.num_heads, channels // self.num_heads, -1).unbind(1)
-        h = F.scaled_dot_product_attention(
-            q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2)
+        q, k, v = (
+            qkv.reshape(batch, 3, self.num_heads, channels // self.num_heads, -1)
+            .transpose(-1, -2)
+            .contiguous()  # the fused attention kernels need unit stride in the last dimension
+            .unbind(1)
         )
+        h = F.scaled_dot_product_attention(q, k, v)
         h = h.transpose(-1, -2).reshape(batch, channels, -1)
         return x + self.proj(h).reshape(batch, channels, height, width)
 
