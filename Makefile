@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PYTHON) benchmarks/synthetic_difficulty.py
 	$(PYTHON) benchmarks/probe_sweep.py
 	$(PYTHON) benchmarks/training_throughput.py
+	$(PYTHON) benchmarks/diffusion_throughput.py
 
 tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir runs
