@@ -291,6 +291,8 @@ class _Recipe:
     solarize_prob: float = 0.0
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self == _Recipe(dihedral=False):  # the evaluation view: one pass over the pixels
+            return images.float() / 127.5 - 1
         x = images.float() / 255
         if self.size is not None:
             # Bicubic overshoots; clamping keeps the later steps' [0, 1] assumption.
@@ -330,7 +332,8 @@ class _Views:
         views: list[torch.Tensor] = []
         for recipe, count in self.parts:
             if count > 0:
-                views += recipe(batch.repeat(count, 1, 1, 1)).chunk(count)
+                repeated = batch.repeat(count, 1, 1, 1) if count > 1 else batch
+                views += recipe(repeated).chunk(count)
         if single:
             views = [view.squeeze(0) for view in views]
         return views if self.as_list else views[0]
