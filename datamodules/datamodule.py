@@ -208,6 +208,11 @@ class PlanktonDataModule(L.LightningDataModule):
             raise ValueError(f"regime must be 'balanced' or 'long_tailed', got {regime!r}")
         if sampler not in ("shuffle", "class_balanced"):
             raise ValueError(f"sampler must be 'shuffle' or 'class_balanced', got {sampler!r}")
+        if not 0 <= resident_fraction <= 1:
+            raise ValueError(
+                f"resident_fraction must be between 0 (always read from the disk cache) and 1, "
+                f"got {resident_fraction}"
+            )
         clashes = sorted(set(ood or {}) & set(FIXED_SPLITS))
         if clashes:
             raise ValueError(f"ood set names {clashes} clash with train/val/test: rename them")

@@ -73,6 +73,12 @@ def test_a_split_is_held_only_where_it_fits(data, monkeypatch):
     assert not data.dataset("train", device=CPU).resident
 
 
+@pytest.mark.parametrize("fraction", [-0.1, 1.5])
+def test_a_bad_resident_fraction_is_refused(tiny_spec, fraction):
+    with pytest.raises(ValueError, match="resident_fraction"):
+        PlanktonDataModule(synthetic=tiny_spec, resident_fraction=fraction)
+
+
 def test_validation_reads_a_fixed_evenly_spread_subset(data):
     _attach(data, SimpleNamespace(val_images=5))
     size = len(data.dataset("val"))

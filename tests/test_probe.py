@@ -175,3 +175,18 @@ def test_a_disk_too_small_for_the_feature_cache_is_a_clear_error(
     with pytest.raises(OSError, match="needs .* GiB but only .* GiB are free"):
         load_or_extract(PlantedFeatures(), data.dataset("train"), tmp_path / "fc", progress=False)
     assert not list((tmp_path / "fc").rglob("*.npy"))
+
+
+def test_cached_predictions_read_the_feature_cache_and_match_the_online_path(
+    planted_root, tmp_path
+):
+    probe, trainer = _fit(planted_root, tmp_path, epochs=4, mode="cached")  # test is cached now
+    data = trainer.datamodule
+    passes = []
+    probe.features.register_forward_hook(lambda *args: passes.append(1))
+    predicted = torch.cat(trainer.predict(probe, data))
+    assert not passes  # the test split's features come from the cache, not another pass
+    images, _, indices = next(iter(data.dataset("test").loader(len(data.dataset("test")))))
+    with torch.no_grad():
+        online = probe.classify(images, indices).softmax(dim=-1)
+    assert passes and torch.allclose(predicted, online, atol=1e-6)
