@@ -12,6 +12,7 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from .cache import CachedImages, default_cache_dir, load_or_build
@@ -241,6 +242,7 @@ class PlanktonDataModule(L.LightningDataModule):
         self.progress = progress
         self.resident_fraction = resident_fraction
         self._on_device: dict[tuple[str, str], torch.Tensor] = {}
+        self._streamed: set[tuple[str, str]] = set()
         self._splits: dict[str, _Split] | None = None
         self._summary: DatasetSummary | None = None
 
@@ -464,11 +466,18 @@ class PlanktonDataModule(L.LightningDataModule):
         if key not in self._on_device:
             size = len(rows) * int(np.prod(source.images.shape[1:]))
             held = sum(t.nbytes for (_, d), t in self._on_device.items() if d == str(device))
-            if self.resident_fraction <= 0 or held + size > (
-                self.resident_fraction * device_memory(device)
-            ):
+            budget = self.resident_fraction * device_memory(device)
+            if held + size > budget:
+                if key not in self._streamed:
+                    self._streamed.add(key)
+                    rank_zero_info(
+                        f"{split}: {len(rows)} images ({size / 2**20:.1f} MiB) streamed from the "
+                        f"disk cache: with {held / 2**20:.1f} MiB already on {device} they exceed "
+                        f"resident_fraction={self.resident_fraction} of its memory"
+                    )
                 return None
             self._on_device[key] = torch.from_numpy(np.array(source.images[rows])).to(device)
+            rank_zero_info(f"{split}: {len(rows)} images ({size / 2**20:.1f} MiB) held on {device}")
         return self._on_device[key]
 
     def _model_hook(self, name: str) -> object:

@@ -17,8 +17,11 @@ from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.pytorch.utilities import rank_zero_info
 
 
-def _cpu_has_native_bf16() -> bool:
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+def _cpu_bf16_units() -> list[str]:
+    """The CPU's units that compute in bfloat16 natively."""
+    units = {"AVX512-BF16": torch.cpu._is_avx512_bf16_supported()}
+    units["AMX"] = torch.cpu._is_amx_tile_supported()
+    return [name for name, present in units.items() if present]
 
 
 def _uses_cuda(accelerator: object) -> bool:
@@ -40,8 +43,9 @@ def resolve_precision(accelerator: object = "auto") -> tuple[str, str]:
         return "16-mixed", f"{name} has no native bfloat16"
     if accelerator not in ("auto", "cpu"):
         return "32-true", f"accelerator {accelerator!r}: full precision is the safe choice"
-    if _cpu_has_native_bf16():
-        return "bf16-mixed", "this CPU computes in bfloat16: it has AVX512-BF16 or AMX"
+    units = _cpu_bf16_units()
+    if units:
+        return "bf16-mixed", f"this CPU computes in bfloat16: it has {' and '.join(units)}"
     return "32-true", (
         "this CPU has neither AVX512-BF16 nor AMX, so bfloat16 is emulated and bf16-mixed "
         "would be several times slower than 32-true"
@@ -63,4 +67,6 @@ class PlanktonTrainer(L.Trainer):
         if precision == "auto":
             precision, reason = resolve_precision(kwargs.get("accelerator", "auto"))
             rank_zero_info(f"precision: auto -> {precision} ({reason})")
+        else:
+            rank_zero_info(f"precision: {precision} (as set)")
         super().__init__(precision=precision, **kwargs)

@@ -4,6 +4,7 @@ validation reads a fixed subset, one timestep per image, whatever the batch size
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import lightning as L
@@ -57,14 +58,16 @@ def test_resident_and_streamed_batches_are_the_same(data):
     assert not torch.equal(_epoch(resident, 4)[0][0], _epoch(resident, 3)[0][0])
 
 
-def test_a_split_is_held_only_where_it_fits(data, monkeypatch):
+def test_a_split_is_held_only_where_it_fits(data, monkeypatch, caplog):
     _attach(data)
     train_bytes = len(data.dataset("train")) * 16 * 16
     monkeypatch.setattr(datamodule_module, "device_memory", lambda device: 4 * train_bytes)
     data.resident_fraction = 0.25  # exactly the training split
     assert data.dataset("train", device=CPU).resident
-    # The validation split would take the device past the fraction: it is streamed.
-    assert not data.dataset("val", device=CPU).resident
+    # The validation split would take the device past the fraction: it is streamed, and said so.
+    with caplog.at_level(logging.INFO):
+        assert not data.dataset("val", device=CPU).resident
+    assert any("val:" in r.getMessage() and "streamed" in r.getMessage() for r in caplog.records)
     # Held once: a second request reuses the same tensor.
     again = data.dataset("train", device=CPU)
     assert again._images is data._on_device[("train", "cpu")]
