@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -84,10 +85,15 @@ def check_same_items(cached: PlanktonImages, decoded: DecodedImages, samples: in
             raise RuntimeError(f"item {index}: the decoded image differs from the cached one")
 
 
-def images_per_second(loader: DataLoader) -> float:
-    start = time.perf_counter()
-    count = sum(len(labels) for _, labels, _ in loader)
-    return count / (time.perf_counter() - start)
+def images_per_second(loader: DataLoader, epochs: int = 1) -> float:
+    """The median rate over ``epochs`` epochs: a cached epoch lasts a fraction of a second, so
+    one epoch alone is at the mercy of whatever else the machine does in that moment."""
+    rates = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        count = sum(len(labels) for _, labels, _ in loader)
+        rates.append(count / (time.perf_counter() - start))
+    return statistics.median(rates)
 
 
 def main() -> None:
@@ -111,8 +117,10 @@ def main() -> None:
         cached = datamodule.dataset("train")
         decoded = DecodedImages(cached, datamodule.preprocessing)
         check_same_items(cached, decoded)
-        cache_rate = images_per_second(cached.loader(BATCH_SIZE))
+        # PIL first: timed right after the cache was written, the cached epochs varied 4x from
+        # run to run (45,000 to 185,000 img/s), most likely while the kernel flushed it to disk.
         pil_rate = images_per_second(DataLoader(decoded, batch_size=BATCH_SIZE))
+        cache_rate = images_per_second(cached.loader(BATCH_SIZE), epochs=5)
     print(
         f"{description}: train split of {len(cached)} images, {datamodule.num_classes} classes, "
         f"{args.image_size} px, batches of {BATCH_SIZE}, num_workers 0"

@@ -495,7 +495,8 @@ class PlanktonDataModule(L.LightningDataModule):
         train: bool = False,
         positions: list[int] | None = None,
     ) -> DataLoader:
-        dataset = self.dataset(split, view, self._device())
+        device = self._device()
+        dataset = self.dataset(split, view, device)
         sampler = positions
         if train and self.sampler == "class_balanced":
             per_class = np.bincount(dataset.labels, minlength=self.num_classes).clip(min=1)
@@ -503,7 +504,6 @@ class PlanktonDataModule(L.LightningDataModule):
             sampler = WeightedRandomSampler(weights, num_samples=len(dataset), replacement=True)
         # Resident images are read and augmented on their device: workers would only copy them.
         workers = 0 if dataset.resident else self.num_workers
-        device = self._device()
         return dataset.loader(
             self.batch_size if train else self.eval_batch_size,
             shuffle=train and sampler is None,

@@ -291,8 +291,6 @@ class _Recipe:
     solarize_prob: float = 0.0
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if self == _Recipe(dihedral=False):  # the evaluation view: one pass over the pixels
-            return images.float() / 127.5 - 1
         x = images.float() / 255
         if self.size is not None:
             # Bicubic overshoots; clamping keeps the later steps' [0, 1] assumption.
@@ -310,9 +308,10 @@ class _Recipe:
             x = _gaussian_blur(x, self.blur_prob, self.sigmas)
         if self.solarize_prob > 0:
             x = _solarize(x, self.solarize_prob)
-        # The blur's and hue's rounding can step past 1. On x / 255, x * 2 - 1 equals
-        # x / 127.5 - 1 bit for bit for every uint8 value.
-        return x.clamp(0, 1) * 2 - 1
+        if self.blur_prob > 0 or self.hue > 0:
+            x = x.clamp(0, 1)  # only the blur's and hue's rounding can step past 1
+        # On x / 255, x * 2 - 1 equals x / 127.5 - 1 bit for bit for every uint8 value.
+        return x * 2 - 1
 
 
 @dataclass(frozen=True)

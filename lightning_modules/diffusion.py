@@ -149,19 +149,18 @@ class DiffusionModule(L.LightningModule):
         steps = self.hparams.val_timesteps
         slot = indices % len(steps)  # each image's timestep, the same every epoch
         t = torch.as_tensor(steps, device=images.device)[slot]
+        chosen = [slot == i for i in range(len(steps))]
         noise = torch.empty_like(images)
-        for i, step in enumerate(steps):
-            chosen = slot == i
-            noise[chosen] = per_image_noise(
-                indices[chosen], step, self.hparams.seed, images.shape[1:]
+        for step, mask in zip(steps, chosen, strict=True):
+            noise[mask] = per_image_noise(
+                indices[mask], step, self.hparams.seed, images.shape[1:]
             ).to(images)
         predicted = self.ema(self.schedule.q_sample(images, t, noise), t)
         losses = (predicted.float() - noise).pow(2).flatten(1).mean(1)
-        for i, step in enumerate(steps):
-            chosen = slot == i
-            if chosen.any():
-                loss = losses[chosen].mean()
-                self.log(f"val/loss_t{step}", loss, batch_size=int(chosen.sum()), sync_dist=True)
+        for step, mask in zip(steps, chosen, strict=True):
+            if mask.any():
+                loss = losses[mask].mean()
+                self.log(f"val/loss_t{step}", loss, batch_size=int(mask.sum()), sync_dist=True)
         self.log("val/loss", losses.mean(), prog_bar=True, batch_size=len(losses), sync_dist=True)
 
     @torch.no_grad()

@@ -19,8 +19,10 @@ from lightning.pytorch.utilities import rank_zero_info
 
 def _cpu_bf16_units() -> list[str]:
     """The CPU's units that compute in bfloat16 natively."""
-    units = {"AVX512-BF16": torch.cpu._is_avx512_bf16_supported()}
-    units["AMX"] = torch.cpu._is_amx_tile_supported()
+    units = {
+        "AVX512-BF16": torch.cpu._is_avx512_bf16_supported(),
+        "AMX": torch.cpu._is_amx_tile_supported(),
+    }
     return [name for name, present in units.items() if present]
 
 
