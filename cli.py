@@ -1,5 +1,6 @@
-"""The ``plankton`` command: Lightning's ``fit``/``validate``/``test``/``predict`` plus the suite's
-own commands (``data``, ``diffusion``, ``features``).
+"""The ``plankton`` command: argument parsing and printing only. Lightning's
+``fit``/``validate``/``test``/``predict`` plus the suite's own commands (``COMMANDS``); the work is
+done in ``workflows`` and below, and nothing imports this file.
 
     plankton fit --config configs/diffusion.yaml
     plankton data synth --out data/synthetic --classes 12 --per-class 300
@@ -12,85 +13,29 @@ own commands (``data``, ``diffusion``, ``features``).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
-import matplotlib.pyplot as plt
-import torch
-import yaml
-from jsonargparse import ArgumentParser, Namespace
-from lightning.pytorch import LightningModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
 from datamodules import PlanktonDataModule, SyntheticPlankton
-from datamodules.cache import default_cache_dir
 from datamodules.synthetic import DOMAINS, write_dataset
-from lightning_modules.callbacks import save_grid
-from lightning_modules.clustering import cluster_scores
-from lightning_modules.diffusion import DiffusionModule, load_diffusion
-from lightning_modules.feature_cache import load_or_extract
-from lightning_modules.probe_reports import heatmap_figure
-from lightning_modules.trainer import PlanktonTrainer
-
-SUITE_COMMANDS = {
-    "data": "synthesise or inspect a dataset",
-    "diffusion": "sample images from a diffusion checkpoint",
-    "features": "list the U-Net blocks, or cluster frozen features at every key",
-    "experiment": "run the whole protocol (data, pretraining, probes, clustering, report)",
-    "report": "rebuild an experiment's report from its run folder",
-    "classify": "classify a folder of new images: top-k labels and an abundance table",
-}
+from lightning_modules import DiffusionModule, load_diffusion
+from lightning_modules.common.figures import save_grid
+from workflows.classify import classify_folder
+from workflows.clustering import cluster_features
+from workflows.experiment import STAGES, Experiment, ExperimentRunner
+from workflows.lightning_cli import PlanktonCLI, datamodule_from_config, model_settings_from_config
+from workflows.report import build_report
 
 
-# Settings every model of the suite receives from the data (and keeps in its checkpoint).
-DATA_TO_MODEL = [
-    ("num_classes", "num_classes"),
-    ("class_names", "class_names"),
-    ("channels", "in_chans"),
-    ("image_size", "image_size"),
-]
-
-
-class PlanktonCLI(LightningCLI):
-    """LightningCLI over the one PlanktonDataModule and any LightningModule of the suite."""
-
-    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
-        super().__init__(
-            model_class=LightningModule,
-            datamodule_class=PlanktonDataModule,
-            trainer_class=PlanktonTrainer,
-            subclass_mode_model=True,
-            seed_everything_default=0,
-            save_config_kwargs={"overwrite": True},
-            args=args,
-            run=run,
-        )
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # The data decides the classes and the image format; every model receives them.
-        for data_setting, model_setting in DATA_TO_MODEL:
-            parser.link_arguments(
-                f"data.{data_setting}", f"model.init_args.{model_setting}", apply_on="instantiate"
-            )
-
-    def before_instantiate_classes(self) -> None:
-        """Name the default TensorBoard run after the model, under ``default_root_dir``."""
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        if config.trainer.logger in (None, True):
-            model_name = config.model.class_path.rsplit(".", 1)[-1].removesuffix("Module").lower()
-            config.trainer.logger = Namespace(
-                class_path="lightning.pytorch.loggers.TensorBoardLogger",
-                init_args=Namespace(
-                    save_dir=config.trainer.default_root_dir or ".", name=model_name
-                ),
-            )
+def _parser(command: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"plankton {command}", description=COMMANDS[command][0])
 
 
 def data_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="plankton data", description=SUITE_COMMANDS["data"])
+    parser = _parser("data")
     commands = parser.add_subparsers(dest="command", required=True)
 
     synth = commands.add_parser("synth", help="write a synthetic plankton dataset")
@@ -153,9 +98,7 @@ def data_command(argv: list[str]) -> int:
 
 
 def diffusion_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="plankton diffusion", description=SUITE_COMMANDS["diffusion"]
-    )
+    parser = _parser("diffusion")
     commands = parser.add_subparsers(dest="command", required=True)
     sample = commands.add_parser("sample", help="write a grid of samples from the EMA weights")
     sample.add_argument("--checkpoint", required=True, help="a DiffusionModule checkpoint")
@@ -174,9 +117,7 @@ def diffusion_command(argv: list[str]) -> int:
 
 
 def features_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="plankton features", description=SUITE_COMMANDS["features"]
-    )
+    parser = _parser("features")
     commands = parser.add_subparsers(dest="command", required=True)
     layers = commands.add_parser("layers", help="every U-Net block: name, resolution, channels")
     layers.add_argument("--checkpoint", help="a DiffusionModule checkpoint")
@@ -208,54 +149,10 @@ def features_command(argv: list[str]) -> int:
 def cluster_command(args: argparse.Namespace, overrides: list[str]) -> int:
     """k-means per key on the features a probe config describes; extra ``--data.*`` or
     ``--model.*`` options override the config as in ``plankton fit``."""
-    cli = PlanktonCLI(args=["--config", args.config, *overrides], run=False)
-    datamodule, source = cli.datamodule, cli.model.features
-    dataset = datamodule.dataset(args.split)
-    cache_dir = cli.model.hparams.cache_dir or default_cache_dir()
-    features = load_or_extract(source, dataset, cache_dir, progress=True)
-    rows = cluster_scores(features, dataset.labels, args.k or datamodule.num_classes, args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "clustering.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    for score in ("nmi", "ari", "purity"):
-        values = torch.tensor([row[score] for row in rows])
-        figure = heatmap_figure(list(features), values, f"k-means {score} ({args.split})")
-        figure.savefig(out / f"clustering_{score}.png", dpi=120)
-        plt.close(figure)
-    best = max(rows, key=lambda row: row["nmi"])
+    best = cluster_features(args.config, args.out, args.split, args.k, args.seed, overrides)
     where = best["layer"] + (f" t={best['timestep']}" if best["timestep"] != "" else "")
-    print(f"wrote {out / 'clustering.csv'}; best NMI {best['nmi']:.3f} at {where}")
+    print(f"wrote {Path(args.out) / 'clustering.csv'}; best NMI {best['nmi']:.3f} at {where}")
     return 0
-
-
-def model_settings_from_config(path: str | Path) -> dict:
-    """The ``model.init_args`` of a model config, with the linked data settings filled in."""
-    content = yaml.safe_load(Path(path).read_text()) or {}
-    settings = dict((content.get("model") or {}).get("init_args") or {})
-    data = datamodule_from_config(path, progress=False)
-    settings.setdefault("in_chans", data.channels)
-    settings.setdefault("image_size", data.image_size)
-    return settings
-
-
-def datamodule_from_config(path: str | Path, **overrides: object) -> PlanktonDataModule:
-    """A PlanktonDataModule from a data config or from the ``data`` section of a model config."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config {path} does not exist")
-    content = yaml.safe_load(path.read_text()) or {}
-    data = content.get("data", content) if isinstance(content, dict) else None
-    if isinstance(data, str):  # ``data: data/synthetic.yaml``, relative to the config
-        return datamodule_from_config(path.parent / data, **overrides)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of PlanktonDataModule settings")
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(PlanktonDataModule, "data")
-    config = parser.parse_object({"data": {**data, **overrides}})
-    return parser.instantiate_classes(config).data
 
 
 def format_summary(summary: dict) -> str:
@@ -286,11 +183,7 @@ def format_summary(summary: dict) -> str:
 
 
 def experiment_command(argv: list[str]) -> int:
-    from workflows.experiment import STAGES, Experiment, ExperimentRunner
-
-    parser = argparse.ArgumentParser(
-        prog="plankton experiment", description=SUITE_COMMANDS["experiment"]
-    )
+    parser = _parser("experiment")
     parser.add_argument(
         "--config", required=True, help="an experiment config (configs/experiments)"
     )
@@ -305,20 +198,14 @@ def experiment_command(argv: list[str]) -> int:
 
 
 def report_command(argv: list[str]) -> int:
-    from workflows.report import build_report
-
-    parser = argparse.ArgumentParser(prog="plankton report", description=SUITE_COMMANDS["report"])
+    parser = _parser("report")
     parser.add_argument("run_dir", help="the --out folder of plankton experiment")
     print(f"wrote {build_report(parser.parse_args(argv).run_dir)}")
     return 0
 
 
 def classify_command(argv: list[str]) -> int:
-    from workflows.classify import classify_folder
-
-    parser = argparse.ArgumentParser(
-        prog="plankton classify", description=SUITE_COMMANDS["classify"]
-    )
+    parser = _parser("classify")
     parser.add_argument("--checkpoint", required=True, help="a supervised or probe checkpoint")
     parser.add_argument("--images", required=True, help="a folder of images (subfolders too)")
     parser.add_argument("--out", default="predictions.csv", help="CSV of the predictions")
@@ -336,27 +223,39 @@ def classify_command(argv: list[str]) -> int:
     return 0
 
 
+# The suite's own commands: what each does, and its handler (its arguments after the name).
+COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
+    "data": ("synthesise or inspect a dataset", data_command),
+    "diffusion": ("sample images from a diffusion checkpoint", diffusion_command),
+    "features": (
+        "list the U-Net blocks, or cluster frozen features at every key",
+        features_command,
+    ),
+    "experiment": (
+        "run the whole protocol (data, pretraining, probes, clustering, report)",
+        experiment_command,
+    ),
+    "report": ("rebuild an experiment's report from its run folder", report_command),
+    "classify": (
+        "classify a folder of new images: top-k labels and an abundance table",
+        classify_command,
+    ),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     from_console = argv is None
     argv = sys.argv[1:] if from_console else list(argv)
-    commands = {
-        "data": data_command,
-        "diffusion": diffusion_command,
-        "features": features_command,
-        "experiment": experiment_command,
-        "report": report_command,
-        "classify": classify_command,
-    }
-    if argv and argv[0] in commands:
+    if argv and argv[0] in COMMANDS:
         # Suite commands build Lightning CLIs from their own arguments, not from sys.argv.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         try:
-            return commands[argv[0]](argv[1:])
+            return COMMANDS[argv[0]][1](argv[1:])
         except (OSError, ValueError) as error:  # bad paths, settings or disk space
             print(f"error: {error}", file=sys.stderr)
             return 2
     if argv and argv[0] in ("-h", "--help"):
-        print("Suite commands:\n" + "\n".join(f"  {k:<10} {v}" for k, v in SUITE_COMMANDS.items()))
+        print("Suite commands:\n" + "\n".join(f"  {k:<10} {v}" for k, (v, _) in COMMANDS.items()))
         print("\nLightning commands (fit, validate, test, predict):\n")
     PlanktonCLI(args=None if from_console else argv)
     return 0

@@ -37,8 +37,8 @@ from harness import (
 )
 from torch import nn
 
-from cli import DATA_TO_MODEL, model_settings_from_config
 from lightning_modules import DiffusionModule
+from workflows.lightning_cli import DATA_TO_MODEL, model_settings_from_config
 
 PRECISIONS = ("32-true", "bf16-mixed")
 # Equal parameter counts within this fraction, or the comparison says nothing.

@@ -24,7 +24,7 @@ from harness import argument_parser, print_figures, work_dir
 
 from datamodules import PlanktonDataModule, SyntheticPlankton
 from lightning_modules import DiffusionFeatures, DiffusionModule, ProbeModule
-from lightning_modules.grid_metrics import GridConfusion, grid_scores
+from lightning_modules.probes.grid_metrics import GridConfusion, grid_scores
 
 LAYERS = ["enc.0.1", "enc.1.1", "enc.2.1", "mid.1", "dec.2.1", "dec.1.1", "dec.0.1", "dec.0.2"]
 TIMESTEPS = [1, 10, 25, 50, 100, 200]
@@ -75,7 +75,7 @@ def train_heads(
             features = source(images, indices)
             preds = [head(features[k]).argmax(-1) for head, k in zip(heads, keys, strict=True)]
             grid.update(torch.stack(preds), labels)
-    scores = grid_scores(grid.compute())["macro_f1"]
+    scores = grid_scores(grid.compute()).macro_f1
     return dict(zip(keys, scores.tolist(), strict=True))
 
 

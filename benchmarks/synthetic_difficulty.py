@@ -22,10 +22,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from cli import datamodule_from_config
 from datamodules.datamodule import PlanktonDataModule
-from datamodules.views import supervised_view
-from lightning_modules.trainer import resolve_precision
+from lightning_modules.baselines.supervised import supervised_view
+from lightning_modules.common.trainer import resolve_precision
+from workflows.lightning_cli import datamodule_from_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "data" / "synthetic.yaml"
 EPOCHS, QUICK_EPOCHS = 60, 20

@@ -32,10 +32,13 @@ from harness import (
 )
 from torch.utils.flop_counter import FlopCounterMode
 
-from cli import PlanktonCLI
+from lightning_modules import BASELINES
 from workflows.experiment import cli_arguments
+from workflows.lightning_cli import PlanktonCLI
 
-METHODS = ("supervised", "diffusion", "simclr", "dino")
+# Every registered method, each from its own config (configs/<name>.yaml); supervised first, as
+# the baseline of the ratios.
+METHODS = ("supervised", "diffusion", *(name for name in BASELINES if name != "supervised"))
 
 
 class StepClock(L.Callback):

@@ -1,34 +1,30 @@
 """The on-disk cache of preprocessed images: decode every file once, read epochs from memory.
 
-A cache is a ``.npy`` array of uint8 images ``(N, C, S, S)`` opened memory-mapped, plus a JSON
-index. Its key hashes the preprocessing settings and every file's path, size and modification
-time, so a changed file or setting gives another key and the stale cache is never used. Both files
-are written under temporary names and renamed into place, the index last: a cache whose index
-exists is complete, and a crash mid-build leaves nothing that could be read.
+A cache is an ``ArrayStore`` entry: uint8 images ``(N, C, S, S)`` opened memory-mapped, and an
+index listing the files and those that failed to decode. Its key hashes the preprocessing settings
+and every file's path, size and modification time, so a changed file or setting gives another key
+and the stale cache is never used.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 from tqdm import tqdm
 
 from .preprocessing import ImageReadError, Preprocessing, load_preprocessed
 from .sources import ImageRecord, Skipped
+from .store import ArrayStore
 
 CACHE_VERSION = 1
-T = TypeVar("T")
 
 
 def default_cache_dir() -> Path:
@@ -76,54 +72,41 @@ def load_or_build(
     stale caches, so disk use stays bounded.
     """
     folder = Path(cache_dir) / "images" / hashlib.sha256(source_name.encode()).hexdigest()[:16]
+    store = ArrayStore(folder, CACHE_VERSION)
     key = cache_key(records, settings)
-    array_path, index_path = folder / f"{key}.npy", folder / f"{key}.json"
-    cached = _load(array_path, index_path, len(records), settings)
+    shape = (len(records), settings.channels, settings.image_size, settings.image_size)
+    cached = _load(store, key, shape)
     if cached is not None:
         return cached
-    shape = (len(records), settings.channels, settings.image_size, settings.image_size)
-    failed = write_array_atomic(
-        array_path,
-        shape,
-        np.uint8,
-        lambda images: _fill(images, records, settings, num_workers, progress),
+    failed = store.write_array(
+        key, shape, np.uint8, lambda images: _fill(images, records, settings, num_workers, progress)
     )
-    index = {
-        "version": CACHE_VERSION,
-        "source": source_name,
-        "settings": settings.as_dict(),
-        "shape": list(shape),
-        "failed": [[i, reason] for i, reason in failed],
-        "files": [str(r.path) for r in records],
-    }
-    write_text_atomic(index_path, json.dumps(index))
-    for stale in folder.iterdir():
-        if stale.suffix in (".npy", ".json") and stale.stem != key:
-            stale.unlink(missing_ok=True)
-    cached = _load(array_path, index_path, len(records), settings)
-    assert cached is not None, f"cache {array_path} unreadable right after writing it"
+    store.commit(
+        key,
+        {
+            "source": source_name,
+            "settings": settings.as_dict(),
+            "shape": list(shape),
+            "failed": [[i, reason] for i, reason in failed],
+            "files": [str(r.path) for r in records],
+        },
+    )
+    store.remove_others(key)
+    cached = _load(store, key, shape)
+    assert cached is not None, f"cache {store.array_path(key)} unreadable right after writing it"
     return cached
 
 
-def _load(
-    array_path: Path, index_path: Path, count: int, settings: Preprocessing
-) -> CachedImages | None:
-    if not (index_path.exists() and array_path.exists()):
+def _load(store: ArrayStore, key: str, shape: tuple[int, ...]) -> CachedImages | None:
+    stored = store.load(key, shape)
+    if stored is None:
         return None
-    try:
-        index = json.loads(index_path.read_text())
-        images = np.load(array_path, mmap_mode="r")
-    except (OSError, ValueError):
-        return None
-    expected = (count, settings.channels, settings.image_size, settings.image_size)
-    if index.get("version") != CACHE_VERSION or tuple(images.shape) != expected:
-        return None
-    readable = np.ones(count, dtype=bool)
+    readable = np.ones(shape[0], dtype=bool)
     failed = []
-    for i, reason in index["failed"]:
+    for i, reason in stored.index["failed"]:
         readable[i] = False
-        failed.append(Skipped(index["files"][i], reason))
-    return CachedImages(images=images, readable=readable, failed=failed, path=array_path)
+        failed.append(Skipped(stored.index["files"][i], reason))
+    return CachedImages(stored.array, readable, failed, store.array_path(key))
 
 
 def _decode(path: Path, settings: Preprocessing) -> np.ndarray | str:
@@ -168,37 +151,3 @@ class _InProcess:
 
     def map(self, fn: Callable, items: Iterable, chunksize: int = 1) -> Iterator:
         return map(fn, items)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` under a temporary name and rename it into place."""
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staging.write_text(text)
-    os.replace(staging, path)
-
-
-def write_csv_atomic(path: Path, header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
-    """A CSV file (quoted as the csv module quotes), written atomically."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    write_text_atomic(path, buffer.getvalue())
-
-
-def write_array_atomic(
-    path: Path, shape: tuple[int, ...], dtype: np.dtype | type, fill: Callable[[np.ndarray], T]
-) -> T:
-    """Create the ``.npy`` array ``path`` memory-mapped under a temporary name, let ``fill``
-    write it, and rename it into place only once it is complete. Returns what ``fill`` returns."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.stem}.{os.getpid()}.npy.tmp")
-    try:
-        array = np.lib.format.open_memmap(staging, mode="w+", dtype=dtype, shape=shape)
-        result = fill(array)
-        array.flush()
-        del array
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)
-    return result

@@ -1,4 +1,6 @@
-"""Per-method views of cached uint8 images, augmented a whole batch at a time on any device.
+"""Views of cached uint8 images, augmented a whole batch at a time on any device: the steps, the
+``Recipe`` that orders them, and the evaluation view. Each method's training view is a recipe
+that lives beside the method (``lightning_modules``); the data layer knows none of them.
 
 A view takes a uint8 batch ``(B, C, S, S)`` (or one image ``(C, S, S)``) on the CPU or the GPU and
 returns float32 tensors on the same device, scaled to [-1, 1] (the diffusion model's range), so
@@ -7,7 +9,7 @@ torch's RNG on the input's device, so ``torch.manual_seed`` makes a call repeata
 loops over images in Python, goes through PIL or waits on the device.
 
 Plankton have no canonical orientation: the training views flip and rotate by multiples of 90
-degrees, which keeps every pixel (no interpolation). SimCLR and DINO follow lightly's transforms
+degrees, which keeps every pixel (no interpolation). The steps reproduce lightly's transforms
 (``SimCLRTransform``, ``DINOTransform``) with their default probabilities and strengths; colour
 jitter is reduced to brightness and contrast for greyscale. Where the batched steps differ from
 lightly's per-image PIL pipeline:
@@ -270,7 +272,7 @@ def _solarize(images: torch.Tensor, p: float) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class _Recipe:
+class Recipe:
     """One augmented view of a batch, steps in lightly's order: crop, flips and rotations,
     colour jitter, greyscale, blur, solarization. ``size=None`` keeps the whole image, so
     without a crop the pixels are only moved, never resampled."""
@@ -315,12 +317,12 @@ class _Recipe:
 
 
 @dataclass(frozen=True)
-class _Views:
+class Views:
     """Applies each ``(recipe, count)`` part, ``count`` independent views of the batch each; a
     part with several views runs once on the repeated batch. Returns one tensor, or a list of
     views when ``as_list``. A single image ``(C, S, S)`` is augmented as a batch of one."""
 
-    parts: tuple[tuple[_Recipe, int], ...]
+    parts: tuple[tuple[Recipe, int], ...]
     as_list: bool = True
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
@@ -338,7 +340,7 @@ class _Views:
         return views if self.as_list else views[0]
 
 
-def _colour_recipe(channels: int, strength: float) -> dict[str, float]:
+def colour_recipe(channels: int, strength: float) -> dict[str, float]:
     """lightly's colour defaults at ``strength`` (its ``cj_strength``): brightness and contrast
     0.8, saturation 0.4 and hue 0.1 as the suite configured them, greyscale with probability 0.2;
     a greyscale image gets only brightness and contrast."""
@@ -353,59 +355,11 @@ def _colour_recipe(channels: int, strength: float) -> dict[str, float]:
     }
 
 
-def _sigmas(image_size: int) -> tuple[float, float]:
+def blur_sigmas(image_size: int) -> tuple[float, float]:
     """Blur sigmas that grow with the image, so that a blur removes a similar share of detail."""
     return (0.1, max(0.2, image_size / 64))
 
 
 def eval_view(image_size: int, channels: int) -> View:
     """Deterministic: the cached pixels, scaled."""
-    return _Views(((_Recipe(dihedral=False), 1),), as_list=False)
-
-
-def diffusion_view(image_size: int, channels: int) -> View:
-    """Flips and 90-degree rotations only, the 8 uniformly: the denoiser must learn the true
-    image distribution."""
-    return _Views(((_Recipe(), 1),), as_list=False)
-
-
-def supervised_view(image_size: int, channels: int) -> View:
-    """Standard augmentation for a classifier trained from scratch on small images."""
-    recipe = _Recipe(
-        size=image_size,
-        scale=(0.6, 1.0),
-        ratio=(0.8, 1.25),
-        jitter_prob=1.0,
-        brightness=0.2,
-        contrast=0.2,
-    )
-    return _Views(((recipe, 1),), as_list=False)
-
-
-def simclr_view(image_size: int, channels: int) -> View:
-    """Two lightly SimCLR views; crops are milder than ImageNet's, since small plankton images
-    lose their class when cropped to 8% of their area."""
-    recipe = _Recipe(
-        size=image_size,
-        scale=(0.3, 1.0),
-        blur_prob=0.3,
-        sigmas=_sigmas(image_size),
-        **_colour_recipe(channels, strength=1.0),
-    )
-    return _Views(((recipe, 2),))
-
-
-def dino_view(image_size: int, channels: int, n_local_views: int = 2) -> View:
-    """Two global and ``n_local_views`` local lightly DINO views (local crops half the size).
-    As in lightly, the first global view is always blurred, the second rarely but sometimes
-    solarized, the local views blurred half the time; crops are resized bicubically."""
-    shared = {
-        "interpolation": "bicubic",
-        "sigmas": _sigmas(image_size),
-        **_colour_recipe(channels, strength=0.5),
-    }
-    global_crop = {"size": image_size, "scale": (0.4, 1.0)}
-    first = _Recipe(**global_crop, blur_prob=1.0, **shared)
-    second = _Recipe(**global_crop, blur_prob=0.1, solarize_prob=0.2, **shared)
-    local = _Recipe(size=max(8, image_size // 2), scale=(0.1, 0.4), blur_prob=0.5, **shared)
-    return _Views(((first, 1), (second, 1), (local, n_local_views)))
+    return Views(((Recipe(dihedral=False), 1),), as_list=False)

@@ -5,10 +5,18 @@ from conftest import run_script
 
 from datamodules import PlanktonDataModule
 from datamodules.views import eval_view
-from lightning_modules import DINOModule, EncoderFeatures, SimCLRModule, SupervisedModule
-from lightning_modules.knn import KNNAccuracy
+from lightning_modules import (
+    BASELINES,
+    METHODS,
+    DINOModule,
+    EncoderFeatures,
+    ProbeModule,
+    SimCLRModule,
+    SupervisedModule,
+)
+from lightning_modules.baselines.knn import KNNAccuracy
 
-SMALL = {"backbone": "resnet18", "image_size": 16, "in_chans": 1}
+SMALL = {"image_size": 16, "in_chans": 1}  # every other setting: the method's default
 
 
 @pytest.fixture
@@ -28,8 +36,9 @@ def _trainer(root, **settings):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("cls", [SimCLRModule, DINOModule, SupervisedModule])
-def test_fit_test_and_predict_from_a_checkpoint(cls, datamodule, tmp_path):
+@pytest.mark.parametrize("name", BASELINES)
+def test_fit_test_and_predict_from_a_checkpoint(name, datamodule, tmp_path):
+    cls = METHODS[name].module
     torch.manual_seed(0)
     module = _module(cls, datamodule)
     trainer = _trainer(tmp_path, fast_dev_run=True)
@@ -166,6 +175,26 @@ def test_encoder_features_are_the_embedding_bit_identical_in_any_batch(trained):
     alone = source(images[3:4], torch.arange(3, 4))[("embedding", None)]
     assert torch.equal(alone[0], features[3])
     assert source.fingerprint() == EncoderFeatures(str(path)).fingerprint()
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_every_registered_baseline_is_recognised_and_probed_by_the_probe_module(
+    name, trained, datamodule, tmp_path
+):
+    module, path = trained(METHODS[name].module)
+    source = EncoderFeatures(str(path), micro_batch=8)
+    assert source.method == name
+    images = torch.randn(3, 1, 16, 16)
+    expected = next(iter(module.encoders().values()))(images)
+    assert torch.allclose(source(images, torch.arange(3))[("embedding", None)], expected, atol=1e-5)
+    probe = ProbeModule(
+        features=source, num_classes=datamodule.num_classes, class_names=datamodule.class_names,
+        image_size=16, cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    trainer = _trainer(tmp_path, max_epochs=2)
+    trainer.fit(probe, datamodule)
+    results = trainer.test(probe, datamodule, verbose=False)[0]
+    assert 0 <= results["test/best_acc"] <= 1
 
 
 def test_dino_encoder_features_default_to_the_teacher(trained):

@@ -5,9 +5,10 @@ import pytest
 import torch
 from conftest import REPOSITORY
 
-from cli import PlanktonCLI, datamodule_from_config, main
+from cli import main
 from datamodules.synthetic import SyntheticPlankton, class_frequencies
 from lightning_modules import load_diffusion
+from workflows.lightning_cli import PlanktonCLI, datamodule_from_config
 
 TINY_DATA = [
     "--data.synthetic.classes",

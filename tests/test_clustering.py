@@ -3,7 +3,7 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from lightning_modules.clustering import cluster_scores, purity
+from lightning_modules.probes.clustering import cluster_scores, purity
 
 
 def test_purity_counts_the_majority_label_of_every_cluster():

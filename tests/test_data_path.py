@@ -39,7 +39,7 @@ def _epoch(loader, seed):
 def test_resident_and_streamed_batches_are_the_same(data):
     class Supervised:
         def train_view(self, image_size, channels):
-            from datamodules.views import supervised_view
+            from lightning_modules.baselines.supervised import supervised_view
 
             return supervised_view(image_size, channels)
 

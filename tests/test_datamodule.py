@@ -10,7 +10,11 @@ from conftest import shared_dataset
 from PIL import Image
 
 from datamodules import PlanktonDataModule
-from datamodules.views import diffusion_view, dino_view, eval_view, simclr_view, supervised_view
+from datamodules.views import eval_view
+from lightning_modules.baselines.dino import dino_view
+from lightning_modules.baselines.simclr import simclr_view
+from lightning_modules.baselines.supervised import supervised_view
+from lightning_modules.diffusion import diffusion_view
 
 
 def _write_images(folder, label, n, value=128, size=(12, 16)):

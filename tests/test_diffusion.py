@@ -8,8 +8,8 @@ from conftest import run_script
 
 from datamodules import PlanktonDataModule
 from lightning_modules import DiffusionFeatures, DiffusionModule, load_diffusion
-from lightning_modules.features import capture
-from lightning_modules.per_image_noise import per_image_noise
+from lightning_modules.diffusion.per_image_noise import per_image_noise
+from lightning_modules.probes.features import capture
 
 TINY_UNET = {
     "image_size": 16,

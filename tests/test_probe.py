@@ -10,8 +10,8 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from datamodules import PlanktonDataModule
 from lightning_modules import ProbeModule
-from lightning_modules.feature_cache import load_or_extract
-from lightning_modules.grid_metrics import GridConfusion, grid_scores
+from lightning_modules.probes.feature_cache import load_or_extract
+from lightning_modules.probes.grid_metrics import GridConfusion, grid_scores
 
 
 @pytest.fixture(scope="module")
@@ -133,12 +133,12 @@ def test_grid_metrics_agree_with_scikit_learn():
     metric.update(preds[:, 100:], target[100:])
     scores = grid_scores(metric.compute())
     for h in range(heads):
-        assert scores["acc"][h].item() == pytest.approx(accuracy_score(target, preds[h]))
-        assert scores["macro_f1"][h].item() == pytest.approx(
+        assert scores.acc[h].item() == pytest.approx(accuracy_score(target, preds[h]))
+        assert scores.macro_f1[h].item() == pytest.approx(
             f1_score(target, preds[h], average="macro", zero_division=0), abs=1e-6
         )
         per_class = f1_score(target, preds[h], average=None, labels=range(classes), zero_division=0)
-        assert np.allclose(scores["per_class_f1"][h].numpy(), per_class, atol=1e-6)
+        assert np.allclose(scores.per_class_f1[h].numpy(), per_class, atol=1e-6)
 
 
 def test_lbfgs_needs_cached_features():

@@ -8,8 +8,8 @@ import logging
 import pytest
 import torch
 
-from lightning_modules import trainer as suite_trainer
-from lightning_modules.trainer import PlanktonTrainer, resolve_precision
+from lightning_modules.common import trainer as suite_trainer
+from lightning_modules.common.trainer import PlanktonTrainer, resolve_precision
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from lightning_modules.noise_schedule import NoiseSchedule
-from lightning_modules.unet import AttentionBlock, UNet
+from lightning_modules.diffusion.noise_schedule import NoiseSchedule
+from lightning_modules.diffusion.unet import AttentionBlock, UNet
 
 
 @pytest.mark.parametrize(

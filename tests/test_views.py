@@ -16,7 +16,11 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from datamodules import views
-from datamodules.views import diffusion_view, dino_view, eval_view, simclr_view, supervised_view
+from datamodules.views import eval_view
+from lightning_modules.baselines.dino import dino_view
+from lightning_modules.baselines.simclr import simclr_view
+from lightning_modules.baselines.supervised import supervised_view
+from lightning_modules.diffusion import diffusion_view
 
 CPU = torch.device("cpu")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -11,8 +11,6 @@ runs no code from it.
 
 from __future__ import annotations
 
-import inspect
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,22 +19,31 @@ import numpy as np
 import torch
 from PIL import Image
 
-from datamodules.cache import write_csv_atomic
 from datamodules.preprocessing import (
     IMAGE_SUFFIXES,
     ImageReadError,
     Preprocessing,
     load_preprocessed,
 )
+from datamodules.store import write_csv_atomic
 from datamodules.views import eval_view
-from lightning_modules import DiffusionFeatures, EncoderFeatures, ProbeModule, SupervisedModule
+from lightning_modules import (
+    METHODS,
+    DiffusionFeatures,
+    EncoderFeatures,
+    PlanktonModule,
+    ProbeModule,
+    method_of,
+)
+from lightning_modules.common.module import load_checkpoint
 
 # The only classes a probe checkpoint may name as its feature source: a file never chooses code.
 FEATURE_SOURCES = {
     f"lightning_modules.{cls.__name__}": cls for cls in (DiffusionFeatures, EncoderFeatures)
 }
 
-Classifier = SupervisedModule | ProbeModule
+# A probe, or a method that learns from labels (``per_regime`` in the registry).
+Classifier = PlanktonModule
 # Decoding failures that make one file unusable without stopping the sample.
 _UNREADABLE = (ImageReadError, Image.DecompressionBombError, OSError, ValueError)
 
@@ -49,7 +56,7 @@ class ClassifierSettings:
     checkpoint without them gets the configs' values (``auto``, 4).
     """
 
-    kind: Literal["supervised", "probe"]
+    kind: str
     image_size: int
     in_chans: int
     polarity: Literal["keep", "auto"] = "auto"
@@ -61,40 +68,32 @@ class ClassifierSettings:
 
 
 def load_classifier(path: str | Path) -> tuple[Classifier, ClassifierSettings]:
-    """The classifier of a ``SupervisedModule`` or ``ProbeModule`` checkpoint, in eval mode on
-    the CPU, and the preprocessing its training images had.
+    """The classifier of a probe checkpoint, or of a registered method that learns from labels
+    (the supervised baseline), in eval mode on the CPU, and the preprocessing its training images
+    had.
 
     A probe is rebuilt from its recorded feature source (a whitelisted class; its weights come
-    from the probe checkpoint itself). SimCLR, DINO and diffusion checkpoints learned features,
-    not classes: they are refused with the command that probes them.
+    from the probe checkpoint itself). Label-free methods (diffusion, SimCLR, DINO...) learned
+    features, not classes: they are refused with the command that probes them.
 
     Raises:
         FileNotFoundError: ``path``, or the checkpoint a probe's features are read through, is
             missing.
         ValueError: the file is not a checkpoint of a classifier.
     """
+    checkpoint = load_checkpoint(path)
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        raise ValueError(
-            f"{path} is not a checkpoint that loads with weights_only=True ({error})"
-        ) from None
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path} is not a Lightning checkpoint")
     hparams = dict(checkpoint.get("hyper_parameters") or {})
-    state = checkpoint.get("state_dict") or {}
+    method = method_of(checkpoint["state_dict"])
     if "feature_source" in checkpoint:
         module: Classifier = _load_probe(path, checkpoint["feature_source"], hparams)
-        kind: Literal["supervised", "probe"] = "probe"
-    elif "backbone" in hparams and any(key.startswith("model.") for key in state):
-        module = SupervisedModule(**_accepted(SupervisedModule, hparams))
-        kind = "supervised"
+        module.load_state_dict(checkpoint["state_dict"])
+        kind = "probe"
+    elif method is not None and METHODS[method].per_regime:
+        module = METHODS[method].module.from_checkpoint(checkpoint)
+        kind = method
     else:
-        raise ValueError(_not_a_classifier(path, hparams, state))
-    module.load_state_dict(state)
+        raise ValueError(_not_a_classifier(path, method, hparams))
     data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     settings = ClassifierSettings(
         kind=kind,
@@ -104,12 +103,6 @@ def load_classifier(path: str | Path) -> tuple[Classifier, ClassifierSettings]:
         max_aspect=float(data.get("max_aspect", 4.0)),
     )
     return module.eval(), settings
-
-
-def _accepted(cls: type, hparams: dict) -> dict:
-    """The stored settings ``cls`` takes (the CLI adds bookkeeping entries of its own)."""
-    parameters = inspect.signature(cls).parameters
-    return {k: v for k, v in hparams.items() if k in parameters and k != "features"}
 
 
 def _load_probe(path: Path, spec: dict, hparams: dict) -> ProbeModule:
@@ -127,30 +120,26 @@ def _load_probe(path: Path, spec: dict, hparams: dict) -> ProbeModule:
             f"the probe {path} is built on {init_args.get('checkpoint')}, which is missing "
             f"({error}): put that checkpoint back at its path"
         ) from None
-    return ProbeModule(features=features, **_accepted(ProbeModule, hparams))
+    return ProbeModule.from_settings({**hparams, "features": features})
 
 
-def _not_a_classifier(path: Path, hparams: dict, state: dict) -> str:
-    def probe_first(method: str, config: str) -> str:
+def _not_a_classifier(path: Path, method: str | None, hparams: dict) -> str:
+    if method is not None:
+        probe = METHODS[method].probe
         return (
-            f"{path} is a {method} checkpoint: it learned features, not classes. Probe it first "
-            f"(plankton fit --config configs/{config} "
+            f"{path} is a {METHODS[method].display_name} checkpoint: it learned features, not "
+            f"classes. Probe it first (plankton fit --config configs/probe_{probe}.yaml "
             f"--model.init_args.features.init_args.checkpoint {path}) and classify with the "
             "probe's checkpoint"
         )
-
-    if "base_channels" in hparams:
-        return probe_first("diffusion", "probe_diffusion.yaml")
-    if "backbone" in hparams:
-        method = "DINO" if any(k.startswith("teacher_backbone.") for k in state) else "SimCLR"
-        return probe_first(method, "probe_encoder.yaml")
     if "select_metric" in hparams:
         return (
             f"{path} is a probe checkpoint that does not record its feature source (saved before "
             "probes did, or over a source built in memory): refit the probe with "
             "`plankton fit --config configs/probe_encoder.yaml` or `probe_diffusion.yaml`"
         )
-    return f"{path} is neither a SupervisedModule nor a ProbeModule checkpoint"
+    classifiers = [m.display_name for m in METHODS.values() if m.per_regime]
+    return f"{path} is neither a probe checkpoint nor one of {', '.join(classifiers)}"
 
 
 def image_files(root: Path) -> list[Path]:

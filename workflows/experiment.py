@@ -6,14 +6,14 @@ data config and the shared trainer config, so a run inside an experiment is the 
 start by hand. Each stage (and each run inside a stage) leaves ``done.json`` when it completes; a
 re-run skips what is done and resumes an interrupted training run from its ``last.ckpt``.
 
-Label-free pretraining (diffusion, SimCLR, DINO) sees the training images of ``pretrain_regime``
-(by default the natural, long-tailed distribution: every unlabelled image there is); the
-supervised baseline and every probe are trained once per regime, since they use the labels.
+The methods come from the registry (``lightning_modules.METHODS``): an experiment runs diffusion
+and any subset of the registered baselines. Label-free pretraining sees the training images of
+``pretrain_regime`` (by default the natural, long-tailed distribution: every unlabelled image
+there is); a method that learns from labels, and every probe, is trained once per regime.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
@@ -26,10 +26,14 @@ import numpy as np
 import torch
 import yaml
 
-from datamodules.cache import write_text_atomic
+from datamodules.store import write_text_atomic
+from lightning_modules import BASELINES, METHODS, load_diffusion
+from lightning_modules.common.figures import save_grid
+
+from .clustering import cluster_features
+from .lightning_cli import PlanktonCLI, datamodule_from_config
 
 STAGES = ("data", "diffusion", "baselines", "probes", "clustering", "report")
-ENCODERS = ("supervised", "simclr", "dino")
 
 
 @dataclass
@@ -54,7 +58,7 @@ class Experiment:
     diffusion: MethodRun
     baselines: dict[str, MethodRun]
     probe_diffusion: MethodRun
-    probe_encoder: MethodRun
+    probe_encoder: MethodRun | None
     clustering_split: str
     samples: int
     source: dict
@@ -77,16 +81,18 @@ class Experiment:
                 config, int(section.get("max_epochs", 10)), section.get("overrides") or {}
             )
 
-        missing = [k for k in ("data", "diffusion", "baselines", "probes") if k not in settings]
+        missing = [k for k in ("data", "diffusion", "probes") if k not in settings]
         if missing:
             raise ValueError(
                 f"{path}: missing sections {missing}; see configs/experiments/demo.yaml"
             )
-        baselines = settings["baselines"]
-        if set(baselines) != set(ENCODERS):
+        baselines = settings.get("baselines") or {}
+        unknown = sorted(set(baselines) - set(BASELINES))
+        if unknown:
             raise ValueError(
-                f"{path}: baselines must be exactly {list(ENCODERS)}, got {sorted(baselines)}"
+                f"{path}: baselines {unknown} are not registered; choose among {list(BASELINES)}"
             )
+        probes = settings["probes"] or {}
         regimes = list(settings.get("regimes", ["balanced", "long_tailed"]))
         if not regimes or set(regimes) - {"balanced", "long_tailed"}:
             raise ValueError(f"{path}: regimes must be among balanced, long_tailed; got {regimes}")
@@ -98,9 +104,14 @@ class Experiment:
             pretrain_regime=settings.get("pretrain_regime", "long_tailed"),
             trainer_overrides=settings.get("trainer_overrides") or {},
             diffusion=method(settings["diffusion"], "diffusion"),
-            baselines={name: method(baselines[name], f"baselines.{name}") for name in ENCODERS},
-            probe_diffusion=method(settings["probes"].get("diffusion"), "probes.diffusion"),
-            probe_encoder=method(settings["probes"].get("encoder"), "probes.encoder"),
+            # In the registry's order, which is the report's.
+            baselines={
+                name: method(baselines[name], f"baselines.{name}")
+                for name in BASELINES
+                if name in baselines
+            },
+            probe_diffusion=method(probes.get("diffusion"), "probes.diffusion"),
+            probe_encoder=method(probes.get("encoder"), "probes.encoder") if baselines else None,
             clustering_split=(settings.get("clustering") or {}).get("split", "test"),
             samples=int(settings.get("samples", 16)),
             source=settings,
@@ -155,16 +166,20 @@ class ExperimentRunner:
     def checkpoint(self, run: str) -> Path:
         return self.out / "runs" / run / "checkpoints" / "last.ckpt"
 
+    def regimes(self, name: str) -> list[str]:
+        """A method that learns from labels is trained per regime, a label-free one once."""
+        experiment = self.experiment
+        return experiment.regimes if METHODS[name].per_regime else [experiment.pretrain_regime]
+
     @staticmethod
     def encoder_run(name: str, regime: str) -> str:
-        """The supervised encoder is trained per regime, the label-free ones once."""
-        return f"{name}_{regime}" if name == "supervised" else name
+        return f"{name}_{regime}" if METHODS[name].per_regime else name
 
     def feature_sources(self, regime: str) -> dict[str, tuple[MethodRun, Path]]:
         """Every method's probe config and the checkpoint its features come from."""
         experiment = self.experiment
         sources = {"diffusion": (experiment.probe_diffusion, self.checkpoint("diffusion"))}
-        for name in ENCODERS:
+        for name in experiment.baselines:
             run = self.encoder_run(name, regime)
             sources[name] = (experiment.probe_encoder, self.checkpoint(run))
         return sources
@@ -179,6 +194,11 @@ class ExperimentRunner:
             "--data.regime",
             regime,
         ]
+
+    def trainer_arguments(self) -> list[str]:
+        """The experiment's changes to the shared trainer settings, for a CLI of any method."""
+        overrides = self.experiment.trainer_overrides
+        return cli_arguments({f"trainer.{k}": v for k, v in overrides.items()})
 
     def force(self, stage: str) -> None:
         """Forget ``stage`` and every later one, so they run again from scratch."""
@@ -208,21 +228,20 @@ class ExperimentRunner:
         return self.out / "report.md"
 
     # -- running the CLI -----------------------------------------------------------------------
-    def _cli(self, method: MethodRun, regime: str, folder: Path, extra: dict | None = None):  # noqa: ANN202 - a PlanktonCLI
-        from cli import PlanktonCLI  # the CLI imports this package for its commands
-
+    def _cli(
+        self, method: MethodRun, regime: str, folder: Path, extra: dict | None = None
+    ) -> PlanktonCLI:
         logger = {
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
             "init_args": {"save_dir": str(folder.parent), "name": folder.name, "version": ""},
         }
-        trainer = {f"trainer.{k}": v for k, v in self.experiment.trainer_overrides.items()}
         arguments = [
             "--config", str(method.config),
             *self.data_arguments(regime),
             "--trainer.max_epochs", str(method.max_epochs),
             "--trainer.default_root_dir", str(folder),
             "--trainer.logger", json.dumps(logger),
-            *cli_arguments(trainer),
+            *self.trainer_arguments(),
             *cli_arguments(method.overrides),
             *cli_arguments(extra or {}),
         ]  # fmt: skip
@@ -272,8 +291,6 @@ class ExperimentRunner:
 
     # -- stages --------------------------------------------------------------------------------
     def stage_data(self) -> None:
-        from cli import datamodule_from_config
-
         for regime in self.experiment.regimes:
             datamodule = datamodule_from_config(
                 self.experiment.data, **self.experiment.data_overrides, regime=regime
@@ -290,10 +307,6 @@ class ExperimentRunner:
         self.finish("diffusion")
 
     def _samples_next_to_real(self, checkpoint: Path) -> None:
-        from cli import datamodule_from_config
-        from lightning_modules.callbacks import save_grid
-        from lightning_modules.diffusion import load_diffusion
-
         count = self.experiment.samples
         module = load_diffusion(checkpoint)
         self.log(f"  sampling {count} images (DDIM, 50 steps)")
@@ -307,16 +320,15 @@ class ExperimentRunner:
         save_grid(real, figures / "real_images.png")
 
     def stage_baselines(self) -> None:
-        experiment = self.experiment
-        for name in ENCODERS:
-            regimes = experiment.regimes if name == "supervised" else [experiment.pretrain_regime]
-            for regime in regimes:
+        for name, method_run in self.experiment.baselines.items():
+            method = METHODS[name]
+            for regime in self.regimes(name):
                 run = self.encoder_run(name, regime)
-                cli, _ = self.fit(run, experiment.baselines[name], regime)
+                cli, _ = self.fit(run, method_run, regime)
                 if cli is None:
                     continue
-                if name == "supervised":
-                    self._evaluate(cli, run, regime, "supervised end to end")
+                if method.per_regime:  # a classifier itself: tested end to end
+                    self._evaluate(cli, run, regime, f"{method.display_name} end to end")
                 self.finish(run)
 
     def stage_probes(self) -> None:
@@ -355,22 +367,21 @@ class ExperimentRunner:
         )
 
     def stage_clustering(self) -> None:
-        from cli import cluster_command
-
         experiment = self.experiment
         regime = experiment.pretrain_regime
         for name, (method, checkpoint) in self.feature_sources(regime).items():
-            out = self.stage_dir("clustering") / name
-            arguments = [
+            overrides = [
                 *self.data_arguments(regime),
+                *self.trainer_arguments(),
                 *cli_arguments(method.overrides),
                 "--model.init_args.features.init_args.checkpoint", str(checkpoint),
             ]  # fmt: skip
-            settings = argparse.Namespace(
-                config=str(method.config), split=experiment.clustering_split, k=None, seed=0,
-                out=str(out),
-            )  # fmt: skip
-            cluster_command(settings, arguments)
+            cluster_features(
+                method.config,
+                self.stage_dir("clustering") / name,
+                experiment.clustering_split,
+                overrides=overrides,
+            )
 
     def stage_report(self) -> None:
         from .report import build_report

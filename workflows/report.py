@@ -7,34 +7,52 @@ import csv
 import json
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
-import matplotlib
+import numpy as np
+import torch
+from sklearn.metrics import confusion_matrix, f1_score
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - after choosing the file-only backend
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from sklearn.metrics import confusion_matrix, f1_score  # noqa: E402
+from datamodules.store import write_csv_atomic, write_text_atomic
+from lightning_modules import BASELINES, METHODS, load_diffusion
+from lightning_modules.common.figures import confusion_figure, save_figure
 
-from datamodules.cache import write_csv_atomic, write_text_atomic  # noqa: E402
-from lightning_modules.probe_reports import confusion_figure  # noqa: E402
+from .experiment import STAGES
 
-from .experiment import ENCODERS, STAGES  # noqa: E402
-
-# (row of the main table, run folder prefix, metric prefix in results.json)
-ROWS = [
-    ("diffusion best (layer, t)", "probe_diffusion", "best_"),
-    ("diffusion fusion (top-k keys)", "probe_diffusion", "fusion_"),
-    ("supervised end to end", "supervised", ""),
-    ("supervised probe", "probe_supervised", "best_"),
-    ("SimCLR probe", "probe_simclr", "best_"),
-    ("DINO probe", "probe_dino", "best_"),
-]
 PER_CLASS_SHOWN = 5
+
+
+class Row(NamedTuple):
+    """A row of the main table: its label, the run folders' prefix, the metric prefix in
+    ``results.json``."""
+
+    label: str
+    run: str
+    metric_prefix: str
 
 
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def experiment_baselines(experiment: dict) -> list[str]:
+    """The registered baselines an experiment ran, in the registry's order."""
+    return [name for name in BASELINES if name in (experiment.get("baselines") or {})]
+
+
+def table_rows(experiment: dict) -> list[Row]:
+    """The diffusion rows, then per baseline its end-to-end row (a method that learns from
+    labels is a classifier itself) and its probe."""
+    rows = [
+        Row("diffusion best (layer, t)", "probe_diffusion", "best_"),
+        Row("diffusion fusion (top-k keys)", "probe_diffusion", "fusion_"),
+    ]
+    for name in experiment_baselines(experiment):
+        method = METHODS[name]
+        if method.per_regime:
+            rows.append(Row(f"{method.display_name} end to end", name, ""))
+        rows.append(Row(f"{method.display_name} probe", f"probe_{name}", "best_"))
+    return rows
 
 
 def collect_results(run_dir: Path) -> list[dict]:
@@ -42,7 +60,7 @@ def collect_results(run_dir: Path) -> list[dict]:
     experiment = _read_json(run_dir / "experiment.json")
     records = []
     for regime in experiment.get("regimes", ["balanced", "long_tailed"]):
-        for row, prefix, metric_prefix in ROWS:
+        for row, prefix, metric_prefix in table_rows(experiment):
             results = _read_json(run_dir / "runs" / f"{prefix}_{regime}" / "results.json")
             if not results:
                 continue
@@ -73,7 +91,7 @@ def missing_runs(run_dir: Path) -> list[str]:
     return [
         f"{prefix}_{regime}"
         for regime in experiment.get("regimes", ["balanced", "long_tailed"])
-        for prefix in dict.fromkeys(prefix for _, prefix, _ in ROWS)
+        for prefix in dict.fromkeys(row.run for row in table_rows(experiment))
         if not (run_dir / "runs" / f"{prefix}_{regime}" / "results.json").exists()
     ]
 
@@ -116,8 +134,6 @@ def _main_tables(records: list[dict]) -> list[str]:
 
 def _unet_blocks(run_dir: Path) -> dict:
     """The diffusion U-Net's block info (resolution of every layer), or {} before it is trained."""
-    from lightning_modules.diffusion import load_diffusion
-
     checkpoint = run_dir / "runs" / "diffusion" / "checkpoints" / "last.ckpt"
     return load_diffusion(checkpoint).ema.info if checkpoint.exists() else {}
 
@@ -142,10 +158,10 @@ def _resolution_table(run_dir: Path, regime: str, info: dict) -> list[str]:
     return lines + ["", f"The {winner}x{winner} feature maps give the best probe ({regime}).", ""]
 
 
-def _clustering_table(run_dir: Path) -> list[str]:
+def _clustering_table(run_dir: Path, experiment: dict) -> list[str]:
     lines = ["| features | key | NMI | ARI | purity |", "|---|---|---|---|---|"]
     found = False
-    for source in ("diffusion", *ENCODERS):
+    for source in ("diffusion", *experiment_baselines(experiment)):
         path = run_dir / "clustering" / source / "clustering.csv"
         if not path.exists():
             continue
@@ -155,13 +171,15 @@ def _clustering_table(run_dir: Path) -> list[str]:
         best = max(rows, key=lambda row: float(row["nmi"]))
         key = best["layer"] + (f" t={best['timestep']}" if best["timestep"] else "")
         scores = " | ".join(f"{float(best[s]):.3f}" for s in ("nmi", "ari", "purity"))
-        lines.append(f"| {source} | {key} | {scores} |")
+        lines.append(f"| {METHODS[source].display_name} | {key} | {scores} |")
     if not found:
         return []
     return lines + ["", "Diffusion: the key with the best NMI of the whole grid.", ""]
 
 
-def _best_run(run_dir: Path, records: list[dict], regime: str) -> tuple[str, Path] | None:
+def _best_run(
+    run_dir: Path, experiment: dict, records: list[dict], regime: str
+) -> tuple[str, Path] | None:
     """The method with the best test macro-F1 in ``regime`` that has test predictions."""
     candidates = [
         r
@@ -170,15 +188,17 @@ def _best_run(run_dir: Path, records: list[dict], regime: str) -> tuple[str, Pat
         and "fusion" not in r["method"]
     ]  # fmt: skip
     for record in sorted(candidates, key=lambda r: -r["value"]):
-        prefix = next(p for row, p, _ in ROWS if row == record["method"])
+        prefix = next(row.run for row in table_rows(experiment) if row.label == record["method"])
         folder = run_dir / "runs" / f"{prefix}_{regime}"
         if (folder / "test_predictions.npz").exists():
             return record["method"], folder
     return None
 
 
-def _per_class_and_confusion(run_dir: Path, records: list[dict], regime: str) -> list[str]:
-    best = _best_run(run_dir, records, regime)
+def _per_class_and_confusion(
+    run_dir: Path, experiment: dict, records: list[dict], regime: str
+) -> list[str]:
+    best = _best_run(run_dir, experiment, records, regime)
     if best is None:
         return []
     method, folder = best
@@ -202,8 +222,7 @@ def _per_class_and_confusion(run_dir: Path, records: list[dict], regime: str) ->
     lines += [f"| {names[c]} | {counts[c]} | {f1[c]:.3f} |" for c in shown]
     matrix = confusion_matrix(labels, predicted, labels=classes)
     figure = confusion_figure(torch.as_tensor(matrix), names, f"{method}, test ({regime})")
-    figure.savefig(run_dir / "figures" / "confusion_best.png", dpi=120)
-    plt.close(figure)
+    save_figure(figure, run_dir / "figures" / "confusion_best.png")
     return lines + ["", "![confusion matrix](figures/confusion_best.png)", ""]
 
 
@@ -277,9 +296,13 @@ def build_report(run_dir: str | Path) -> Path:
         if summary:
             counts = ", ".join(f"{s} {sum(c.values())}" for s, c in summary["counts"].items())
             lines.append(f"- **{regime}**: {len(summary['classes'])} classes; images: {counts}")
+    methods = ["diffusion", *experiment_baselines(experiment)]
+    label_free = [METHODS[m].display_name for m in methods if not METHODS[m].per_regime]
+    per_regime = [METHODS[m].display_name for m in methods if METHODS[m].per_regime]
     lines += [
-        f"- Label-free pretraining (diffusion, SimCLR, DINO) on the {pretrain} training split; "
-        "the supervised baseline and every linear probe trained per regime.",
+        f"- Label-free pretraining ({', '.join(label_free)}) on the {pretrain} training split; "
+        + "".join(f"{name}, " for name in per_regime)
+        + "every linear probe trained per regime.",
         "",
         "## Main results",
         "",
@@ -301,10 +324,10 @@ def build_report(run_dir: str | Path) -> Path:
                 shutil.copy(heatmap, figures / f"heatmap_{regime}_{metric}.png")
                 lines.append(f"![{regime} {metric}](figures/heatmap_{regime}_{metric}.png)")
         lines += ["", *_resolution_table(run_dir, regime, blocks)]
-    clustering = _clustering_table(run_dir)
+    clustering = _clustering_table(run_dir, experiment)
     if clustering:
         lines += ["## k-means clustering", "", *clustering]
-    per_class = _per_class_and_confusion(run_dir, records, pretrain)
+    per_class = _per_class_and_confusion(run_dir, experiment, records, pretrain)
     if per_class:
         lines += ["## Per-class F1 and confusion matrix", "", *per_class]
     if (figures / "diffusion_samples.png").exists():

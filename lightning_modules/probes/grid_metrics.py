@@ -7,6 +7,8 @@ scores come from the matrices with tensor operations, never a Python loop over h
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torchmetrics import Metric
 
@@ -37,13 +39,24 @@ class GridConfusion(Metric):
         return self.matrix
 
 
-def grid_scores(matrix: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``acc`` and ``macro_f1`` ``(heads,)`` and ``per_class_f1`` ``(heads, classes)`` from
-    confusion matrices ``(heads, true, predicted)``.
+@dataclass(frozen=True)
+class GridScores:
+    """Scores of every head: ``acc`` and ``macro_f1`` ``(heads,)``; from a confusion grid also
+    ``per_class_f1`` ``(heads, classes)`` and the matrices ``(heads, true, predicted)``."""
+
+    acc: torch.Tensor
+    macro_f1: torch.Tensor
+    per_class_f1: torch.Tensor | None = None
+    confusion: torch.Tensor | None = None
+
+
+def grid_scores(matrix: torch.Tensor) -> GridScores:
+    """The scores of confusion matrices ``(heads, true, predicted)``.
 
     Macro-F1 averages over the classes present in the targets or the predictions, as
     scikit-learn's ``f1_score(average="macro")`` does.
     """
+    counts = matrix
     matrix = matrix.double()
     true_positives = matrix.diagonal(dim1=1, dim2=2)
     support = matrix.sum(dim=2)
@@ -53,4 +66,4 @@ def grid_scores(matrix: torch.Tensor) -> dict[str, torch.Tensor]:
     present = denominator > 0
     macro = (per_class * present).sum(dim=1) / present.sum(dim=1).clamp(min=1)
     accuracy = true_positives.sum(dim=1) / matrix.sum(dim=(1, 2)).clamp(min=1)
-    return {"acc": accuracy.float(), "macro_f1": macro.float(), "per_class_f1": per_class.float()}
+    return GridScores(accuracy.float(), macro.float(), per_class.float(), counts)

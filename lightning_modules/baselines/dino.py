@@ -9,10 +9,27 @@ from lightly.loss import DINOLoss
 from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.utils.scheduler import cosine_schedule
+from torch import nn
 
-from datamodules.views import View, dino_view
+from datamodules.views import Recipe, View, Views, blur_sigmas, colour_recipe
 
 from .self_supervised import SelfSupervisedModule
+
+
+def dino_view(image_size: int, channels: int, n_local_views: int = 2) -> View:
+    """Two global and ``n_local_views`` local lightly DINO views (local crops half the size).
+    As in lightly, the first global view is always blurred, the second rarely but sometimes
+    solarized, the local views blurred half the time; crops are resized bicubically."""
+    shared = {
+        "interpolation": "bicubic",
+        "sigmas": blur_sigmas(image_size),
+        **colour_recipe(channels, strength=0.5),
+    }
+    global_crop = {"size": image_size, "scale": (0.4, 1.0)}
+    first = Recipe(**global_crop, blur_prob=1.0, **shared)
+    second = Recipe(**global_crop, blur_prob=0.1, solarize_prob=0.2, **shared)
+    local = Recipe(size=max(8, image_size // 2), scale=(0.1, 0.4), blur_prob=0.5, **shared)
+    return Views(((first, 1), (second, 1), (local, n_local_views)))
 
 
 class DINOModule(SelfSupervisedModule):
@@ -67,6 +84,10 @@ class DINOModule(SelfSupervisedModule):
 
     def train_view(self, image_size: int, channels: int) -> View:
         return dino_view(image_size, channels, self.hparams.n_local_views)
+
+    def encoders(self) -> dict[str, nn.Module]:
+        """The teacher first: it is the network DINO evaluates."""
+        return {"teacher": self.teacher_backbone, "student": self.backbone}
 
     def momentum(self) -> float:
         total = max(1, self.trainer.estimated_stepping_batches)

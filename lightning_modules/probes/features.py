@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import create_backbone
-from .diffusion import load_diffusion
-from .noise_schedule import NoiseSchedule
-from .per_image_noise import per_image_noise
-from .unet import UNet
+from ..common.module import load_checkpoint
+from ..diffusion.module import load_diffusion
+from ..diffusion.noise_schedule import NoiseSchedule
+from ..diffusion.per_image_noise import per_image_noise
+from ..diffusion.unet import UNet
 
 Pooling = Literal["avg", "avg_std", "adaptive"]
 # (layer, timestep); encoders without timesteps use (name, None).
@@ -300,53 +300,46 @@ class DiffusionFeatures(FeatureSource):
 
 
 class EncoderFeatures(FeatureSource):
-    """The pooled embedding of a frozen baseline encoder (``SupervisedModule``, ``SimCLRModule``
-    or ``DINOModule`` checkpoint) as a feature source with one key, ``("embedding", None)``, so
-    the baselines go through the same ProbeModule as the diffusion features.
+    """The pooled embedding of a frozen encoder, read from the checkpoint of any registered
+    baseline (``lightning_modules.METHODS``), as a feature source with one key,
+    ``("embedding", None)``, so the baselines go through the same ProbeModule as the diffusion
+    features.
 
     Args:
         checkpoint: a checkpoint path, or a glob pattern for the newest match; read with
             ``weights_only=True``.
         micro_batch: the encoder always runs on exactly this many images.
-        weights: which network of the checkpoint: ``auto`` takes DINO's teacher (the network
-            DINO evaluates) and otherwise the only backbone; ``student`` takes DINO's student.
+        weights: which network of the checkpoint (the names of the module's ``encoders()``):
+            ``auto`` takes the method's first, e.g. DINO's teacher, the network DINO
+            evaluates; ``student`` takes DINO's student.
     """
 
     KEY: FeatureKey = ("embedding", None)
-    # state-dict prefix of the backbone in each module, in the order ``auto`` prefers them
-    PREFIXES = {"teacher": "teacher_backbone.", "student": "backbone.", "supervised": "model."}
 
-    def __init__(
-        self,
-        checkpoint: str,
-        micro_batch: int = 16,
-        weights: Literal["auto", "student"] = "auto",
-    ) -> None:
+    def __init__(self, checkpoint: str, micro_batch: int = 16, weights: str = "auto") -> None:
+        # The registry imports this module: it is read when a source is built, not at import.
+        from lightning_modules import BASELINES, METHODS, method_of
+
         super().__init__()
         path = latest_checkpoint(checkpoint)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        settings = saved.get("hyper_parameters", {})
-        state = saved.get("state_dict", {})
-        names = ["student"] if weights == "student" else list(self.PREFIXES)
-        prefix = next(
-            (self.PREFIXES[n] for n in names if any(k.startswith(self.PREFIXES[n]) for k in state)),
-            None,
-        )
-        if prefix is None or "backbone" not in settings:
+        saved = load_checkpoint(path)
+        method = method_of(saved["state_dict"])
+        if method not in BASELINES:
+            found = f"a {METHODS[method].display_name} checkpoint" if method else "not a checkpoint"
             raise ValueError(
-                f"{path} is not a SupervisedModule, SimCLRModule or DINOModule checkpoint; "
+                f"{path} is {found} of the baselines "
+                f"({', '.join(METHODS[name].display_name for name in BASELINES)}); "
                 "diffusion checkpoints go to DiffusionFeatures"
             )
-        self.encoder = create_backbone(
-            settings["backbone"], settings["in_chans"], 0, settings.get("small_input_stem", False)
-        )
-        backbone = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-        wanted = self.encoder.state_dict()  # the supervised classifier is not in the embedding
-        self.encoder.load_state_dict({k: v for k, v in backbone.items() if k in wanted})
-        self.encoder.eval().requires_grad_(False)
-        self.backbone_name, self.network = settings["backbone"], prefix.removesuffix(".")
+        networks = METHODS[method].module.from_checkpoint(saved).encoders()
+        network = next(iter(networks)) if weights == "auto" else weights
+        if network not in networks:
+            raise ValueError(
+                f"weights: {weights} names no network of the {METHODS[method].display_name} "
+                f"checkpoint {path}; choose auto or one of {', '.join(networks)}"
+            )
+        self.encoder = networks[network].eval().requires_grad_(False)
+        self.method, self.network = method, network
         self.micro_batch = micro_batch
         self.keys = [self.KEY]
         self.init_args = {
@@ -356,7 +349,7 @@ class EncoderFeatures(FeatureSource):
         }
 
     def settings(self) -> dict:
-        return {"source": "encoder", "backbone": self.backbone_name, "network": self.network}
+        return {"source": "encoder", "method": self.method, "network": self.network}
 
     def feature_dims(self) -> dict[FeatureKey, int]:
         return {self.KEY: self.encoder.num_features}

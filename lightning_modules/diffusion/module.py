@@ -8,15 +8,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-from datamodules.views import View, diffusion_view
+from datamodules.views import Recipe, View, Views
 
+from ..common.module import PlanktonModule, load_checkpoint
 from .noise_schedule import NoiseSchedule
 from .per_image_noise import per_image_noise
+from .sampling import DiffusionSampleGrid
 from .unet import UNet
 
 # Hyperparameters that decide the U-Net's weights' shapes and meaning: a feature source or
@@ -34,14 +35,17 @@ ARCHITECTURE = (
 )
 
 
-class DiffusionModule(L.LightningModule):
-    """Epsilon-prediction DDPM on unlabelled plankton images.
+def diffusion_view(image_size: int, channels: int) -> View:
+    """Flips and 90-degree rotations only, the 8 uniformly: the denoiser must learn the true
+    image distribution."""
+    return Views(((Recipe(), 1),), as_list=False)
+
+
+class DiffusionModule(PlanktonModule):
+    """Epsilon-prediction DDPM on unlabelled plankton images. The data's classes are kept in the
+    checkpoint, unused in training; its channels and image size shape the U-Net.
 
     Args:
-        num_classes: linked from the data; unused in training, kept in the checkpoint.
-        class_names: linked from the data; kept in the checkpoint.
-        in_chans: image channels, linked from the data.
-        image_size: image side, linked from the data.
         base_channels: U-Net width of the first level.
         channel_mult: channel multiplier per level (its length is the number of levels).
         num_res_blocks: residual blocks per encoder level.
@@ -69,14 +73,11 @@ class DiffusionModule(L.LightningModule):
             (0 disables it).
         sample_count: images in the grid.
         sample_steps: DDIM steps of the logged samples.
+        **data: the data's settings (``PlanktonModule``).
     """
 
     def __init__(
         self,
-        num_classes: int = 0,
-        class_names: list[str] | None = None,
-        in_chans: int = 1,
-        image_size: int = 32,
         base_channels: int = 32,
         channel_mult: Sequence[int] = (1, 2, 2),
         num_res_blocks: int = 2,
@@ -97,9 +98,9 @@ class DiffusionModule(L.LightningModule):
         sample_every_n_epochs: int = 5,
         sample_count: int = 16,
         sample_steps: int = 50,
+        **data: object,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(**data)
         # Every U-Net setting is a setting of this module under the same name.
         self.unet = UNet(
             **{name: self.hparams[name] for name in inspect.signature(UNet).parameters}
@@ -210,8 +211,6 @@ class DiffusionModule(L.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
 
     def configure_callbacks(self) -> list[Callback]:
-        from .callbacks import DiffusionSampleGrid
-
         if self.hparams.sample_every_n_epochs <= 0:
             return []
         return [
@@ -228,18 +227,12 @@ def _plain(value: object) -> object:
 
 
 def load_diffusion(path: str | Path, expected: dict | None = None) -> DiffusionModule:
-    """A DiffusionModule from a checkpoint, in eval mode, without running code from the file.
-
-    The checkpoint is read with ``torch.load(weights_only=True)``: only tensors and plain
-    settings, so a checkpoint shared by a colleague is safe to open. ``expected`` holds the
-    architecture settings a config asks for; any that differ from the checkpoint's are named.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    """A DiffusionModule from a checkpoint, in eval mode, read by ``load_checkpoint`` (no code
+    from the file runs). ``expected`` holds the architecture settings a config asks for; any
+    that differ from the checkpoint's are named."""
+    checkpoint = load_checkpoint(path)
     settings = checkpoint.get("hyper_parameters", {})
-    if "state_dict" not in checkpoint or "base_channels" not in settings:
+    if "base_channels" not in settings:
         raise ValueError(f"{path} is not a DiffusionModule checkpoint")
     differing = [
         f"{key} is {_plain(settings.get(key))} in the checkpoint but {_plain(value)} in the config"
@@ -248,7 +241,4 @@ def load_diffusion(path: str | Path, expected: dict | None = None) -> DiffusionM
     ]
     if differing:
         raise ValueError(f"checkpoint {path} does not match the config: " + "; ".join(differing))
-    accepted = inspect.signature(DiffusionModule).parameters
-    module = DiffusionModule(**{k: v for k, v in settings.items() if k in accepted})
-    module.load_state_dict(checkpoint["state_dict"])
-    return module.eval()
+    return DiffusionModule.from_checkpoint(checkpoint)

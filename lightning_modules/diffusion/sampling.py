@@ -1,28 +1,14 @@
-"""Callbacks that draw for TensorBoard."""
+"""The sampling callback: EMA samples next to real images in TensorBoard every N epochs."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
-from PIL import Image
-from torchvision.utils import make_grid
 
-
-def image_grid(images: torch.Tensor, rows: int | None = None) -> torch.Tensor:
-    """Images in [-1, 1] as one uint8 grid ``(C, H, W)``."""
-    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    per_row = rows or max(1, round(len(images) ** 0.5))
-    return make_grid(images, nrow=per_row, padding=2, pad_value=255)
-
-
-def save_grid(images: torch.Tensor, path: str | Path) -> None:
-    """Write images in [-1, 1] as one PNG grid."""
-    Image.fromarray(image_grid(images).permute(1, 2, 0).numpy()).save(path)
+from ..common.figures import image_grid
 
 
 class DiffusionSampleGrid(Callback):

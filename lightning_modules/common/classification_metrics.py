@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from .module import PlanktonModule
 
 
 def classification_metrics(num_classes: int) -> MetricCollection:
@@ -31,11 +32,9 @@ def loggable(results: dict[str, torch.Tensor], prefix: str, class_names: list[st
     return flat
 
 
-class EvalSetClassifier(L.LightningModule):
+class EvalSetClassifier(PlanktonModule):
     """``test`` on the test split and every out-of-distribution set, and ``predict`` as class
     probabilities, for any module whose ``classify(images)`` returns logits."""
-
-    class_names: list[str]
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -14,30 +14,30 @@ import csv
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 from datamodules.cache import default_cache_dir
-from datamodules.views import View, diffusion_view
+from datamodules.store import write_csv_atomic
+from datamodules.views import View
 
+from ..common.module import PlanktonModule
+from ..diffusion.module import diffusion_view
 from .feature_cache import load_or_extract
 from .features import FeatureKey, FeatureSource
-from .grid_metrics import GridConfusion, grid_scores
-from .probe_reports import write_heatmaps, write_test_reports
+from .grid_metrics import GridConfusion, GridScores, grid_scores
+from .reports import write_heatmaps, write_test_reports
+
+RESULT_COLUMNS = ["layer", "timestep", "split", "accuracy", "macro_f1", "converged", "best"]
 
 
-class ProbeModule(L.LightningModule):
+class ProbeModule(PlanktonModule):
     """Linear probes for every key of ``features``, selected on validation.
 
     Args:
         features: the frozen feature source (``DiffusionFeatures``, or an encoder's).
-        num_classes: linked from the data.
-        class_names: linked from the data.
-        in_chans: linked from the data; kept in the checkpoint.
-        image_size: linked from the data; kept in the checkpoint.
         mode: ``cached`` (extract once to disk, then train the heads) or ``online``.
         solver: ``adamw`` or ``sgd`` (mini-batch), or ``lbfgs`` (full-batch logistic regression
             on cached features, the way to converge; ``lbfgs_iterations`` per epoch).
@@ -59,15 +59,14 @@ class ProbeModule(L.LightningModule):
         augment: online mode only: flips and 90-degree rotations of the training images.
         cache_dir: feature cache folder (default ``$PLANKTON_CACHE``).
         extract_batch_size: batch size of feature extraction.
+        **data: the data's settings (``PlanktonModule``).
     """
+
+    not_saved = ("features",)
 
     def __init__(
         self,
         features: FeatureSource,
-        num_classes: int = 2,
-        class_names: list[str] | None = None,
-        in_chans: int = 1,
-        image_size: int = 32,
         mode: Literal["cached", "online"] = "cached",
         solver: Literal["adamw", "sgd", "lbfgs"] = "adamw",
         lr: float = 1e-3,
@@ -83,15 +82,15 @@ class ProbeModule(L.LightningModule):
         augment: bool = False,
         cache_dir: str | None = None,
         extract_batch_size: int = 64,
+        **data: object,
     ) -> None:
-        super().__init__()
+        super().__init__(**data)
         if solver == "lbfgs" and mode != "cached":
             raise ValueError("solver: lbfgs needs mode: cached (full-batch on stored features)")
-        self.save_hyperparameters(ignore=["features"])
         self.automatic_optimization = solver != "lbfgs"
         self.features = features.requires_grad_(False)
         self.keys: list[FeatureKey] = list(features.keys)
-        self.class_names = class_names or [str(i) for i in range(num_classes)]
+        num_classes = len(self.class_names)
         dims = features.feature_dims()
         widths = torch.tensor([dims[key] for key in self.keys])
         width = int(widths.max())
@@ -291,17 +290,21 @@ class ProbeModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         scores = grid_scores(self.val_grid.compute())
         self.val_grid.reset()
-        self.val_acc.copy_(scores["acc"])
-        self.val_macro_f1.copy_(scores["macro_f1"])
+        self.val_acc.copy_(scores.acc)
+        self.val_macro_f1.copy_(scores.macro_f1)
         best = self.best_index
-        self.log("val/best_acc", scores["acc"][best], sync_dist=True)
-        self.log("val/best_macro_f1", scores["macro_f1"][best], prog_bar=True, sync_dist=True)
+        self.log("val/best_acc", scores.acc[best], sync_dist=True)
+        self.log("val/best_macro_f1", scores.macro_f1[best], prog_bar=True, sync_dist=True)
+
+    def validation_scores(self) -> GridScores:
+        """The validation scores of the last epoch; they travel in the checkpoint."""
+        return GridScores(self.val_acc, self.val_macro_f1)
 
     def on_fit_end(self) -> None:
         if len(self.fusion_keys):
             self._fit_fusion()
         folder = self.output_dir()  # on every rank: finding the log folder is collective
-        self._write_results(folder, {"val": (self.val_acc, self.val_macro_f1, None)})
+        self._write_results(folder, {"val": self.validation_scores()})
         rank_zero_only(write_heatmaps)(self, folder)
 
     @torch.no_grad()
@@ -350,7 +353,7 @@ class ProbeModule(L.LightningModule):
             self._extract(*names)
         heads = len(self.keys) + (1 if len(self.fusion_keys) else 0)
         self.test_grids = nn.ModuleList(
-            GridConfusion(heads, self.hparams.num_classes) for _ in names
+            GridConfusion(heads, len(self.class_names)) for _ in names
         ).to(self.device)
 
     def test_step(self, batch: tuple, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -364,19 +367,16 @@ class ProbeModule(L.LightningModule):
         results = {}
         best = self.best_index
         for name, grid in zip(self.eval_set_names(), self.test_grids, strict=True):
-            matrix = grid.compute()
-            scores = grid_scores(matrix)
-            results[name] = (scores["acc"], scores["macro_f1"], scores["per_class_f1"], matrix)
-            self.log(f"{name}/best_acc", scores["acc"][best])
-            self.log(f"{name}/best_macro_f1", scores["macro_f1"][best])
+            scores = results[name] = grid_scores(grid.compute())
+            self.log(f"{name}/best_acc", scores.acc[best])
+            self.log(f"{name}/best_macro_f1", scores.macro_f1[best])
             if len(self.fusion_keys):
-                self.log(f"{name}/fusion_acc", scores["acc"][-1])
-                self.log(f"{name}/fusion_macro_f1", scores["macro_f1"][-1])
+                self.log(f"{name}/fusion_acc", scores.acc[-1])
+                self.log(f"{name}/fusion_macro_f1", scores.macro_f1[-1])
             grid.reset()
-        # The validation scores travel in the checkpoint: a test run's table has them too.
-        rows = {"val": (self.val_acc, self.val_macro_f1, None)}
         folder = self.output_dir()  # on every rank: finding the log folder is collective
-        self._write_results(folder, rows | {k: (v[0], v[1], v[2]) for k, v in results.items()})
+        # The validation scores travel in the checkpoint: a test run's table has them too.
+        self._write_results(folder, {"val": self.validation_scores()} | results)
         rank_zero_only(write_test_reports)(self, results, folder)
 
     # -- classifying new images ----------------------------------------------------------------
@@ -417,44 +417,42 @@ class ProbeModule(L.LightningModule):
         return folder
 
     @rank_zero_only
-    def _write_results(self, folder: Path, results: dict[str, tuple]) -> None:
+    def _write_results(self, folder: Path, results: dict[str, GridScores]) -> None:
         """Add or replace the rows of ``results``' splits in ``probe_results.csv``."""
         path = folder / "probe_results.csv"
         rows = []
         if path.exists():
             with open(path, newline="") as handle:
-                rows = [row for row in csv.DictReader(handle) if row["split"] not in results]
+                kept = [row for row in csv.DictReader(handle) if row["split"] not in results]
+            rows = [[row[column] for column in RESULT_COLUMNS] for row in kept]
         best = self.best_index
-        for split, (acc, macro_f1, _) in results.items():
+        for split, scores in results.items():
             for i, (layer, timestep) in enumerate(self.keys):
                 rows.append(
-                    {
-                        "layer": layer,
-                        "timestep": "" if timestep is None else timestep,
-                        "split": split,
-                        "accuracy": f"{acc[i].item():.6f}",
-                        "macro_f1": f"{macro_f1[i].item():.6f}",
-                        "converged": bool(self.converged[i]),
-                        "best": i == best,
-                    }
+                    [
+                        layer,
+                        "" if timestep is None else timestep,
+                        split,
+                        f"{scores.acc[i].item():.6f}",
+                        f"{scores.macro_f1[i].item():.6f}",
+                        bool(self.converged[i]),
+                        i == best,
+                    ]
                 )
-            if len(acc) > len(self.keys):
+            if len(scores.acc) > len(self.keys):
                 fused = "+".join(f"{self.keys[i][0]}@{self.keys[i][1]}" for i in self.fusion_keys)
                 rows.append(
-                    {
-                        "layer": f"fusion({fused})",
-                        "timestep": "",
-                        "split": split,
-                        "accuracy": f"{acc[-1].item():.6f}",
-                        "macro_f1": f"{macro_f1[-1].item():.6f}",
-                        "converged": "",
-                        "best": False,
-                    }
+                    [
+                        f"fusion({fused})",
+                        "",
+                        split,
+                        f"{scores.acc[-1].item():.6f}",
+                        f"{scores.macro_f1[-1].item():.6f}",
+                        "",
+                        False,
+                    ]
                 )
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv_atomic(path, RESULT_COLUMNS, rows)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         heads = [self.weight, self.bias]

@@ -1,9 +1,10 @@
-"""The timm backbone every baseline shares, so supervised, SimCLR and DINO differ only in how
-they are trained."""
+"""The timm backbone the ResNet baselines share, so supervised, SimCLR and DINO differ only in
+how they are trained."""
 
 from __future__ import annotations
 
 import timm
+import torch
 from torch import nn
 
 
@@ -29,3 +30,16 @@ def create_backbone(
         model.conv1 = nn.Conv2d(in_chans, model.conv1.out_channels, 3, 1, 1, bias=False)
         model.maxpool = nn.Identity()
     return model
+
+
+class PooledFeatures(nn.Module):
+    """A timm model as an encoder: its pooled features ``(B, num_features)``, before the
+    classifier if it has one."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.num_features = model.num_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)

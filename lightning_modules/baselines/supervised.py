@@ -4,25 +4,34 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from datamodules.views import View, supervised_view
+from datamodules.views import Recipe, View, Views
 
-from .backbones import create_backbone
-from .classification_metrics import EvalSetClassifier, classification_metrics, loggable
-from .schedules import scaled_lr, warmup_cosine
+from ..common.classification_metrics import EvalSetClassifier, classification_metrics, loggable
+from ..common.schedules import scaled_lr, warmup_cosine
+from .backbones import PooledFeatures, create_backbone
+
+
+def supervised_view(image_size: int, channels: int) -> View:
+    """Standard augmentation for a classifier trained from scratch on small images."""
+    recipe = Recipe(
+        size=image_size,
+        scale=(0.6, 1.0),
+        ratio=(0.8, 1.25),
+        jitter_prob=1.0,
+        brightness=0.2,
+        contrast=0.2,
+    )
+    return Views(((recipe, 1),), as_list=False)
 
 
 class SupervisedModule(EvalSetClassifier):
     """Cross-entropy classifier on a timm backbone, with the suite's metrics on every eval set.
 
     Args:
-        num_classes: linked from the data (``data.num_classes``).
-        class_names: linked from the data; stored in the checkpoint for prediction.
         backbone: a timm model name (``resnet18``, ``resnet50``...); never pretrained, since
             nothing is downloaded.
-        in_chans: image channels, linked from the data.
-        image_size: image side, linked from the data; kept in the checkpoint so new images are
-            preprocessed the way the training images were.
         lr: peak AdamW learning rate for a batch of 256, scaled linearly by the global batch.
         weight_decay: AdamW weight decay.
         warmup_epochs: linear warm-up before the cosine decay.
@@ -30,31 +39,32 @@ class SupervisedModule(EvalSetClassifier):
         class_balanced_loss: weight the loss by inverse class frequency (long-tailed data).
         small_input_stem: a 3x3 stride-1 stem without max-pool for small images (see
             ``create_backbone``).
+        **data: the data's settings (``PlanktonModule``).
     """
 
     def __init__(
         self,
-        num_classes: int,
-        class_names: list[str] | None = None,
         backbone: str = "resnet18",
-        in_chans: int = 1,
-        image_size: int = 32,
         lr: float = 1e-3,
         weight_decay: float = 0.05,
         warmup_epochs: int = 1,
         label_smoothing: float = 0.1,
         class_balanced_loss: bool = False,
         small_input_stem: bool = False,
+        **data: object,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.class_names = class_names or [str(i) for i in range(num_classes)]
-        self.model = create_backbone(backbone, in_chans, num_classes, small_input_stem)
+        super().__init__(**data)
+        num_classes = len(self.class_names)
+        self.model = create_backbone(backbone, self.hparams.in_chans, num_classes, small_input_stem)
         self.register_buffer("class_weights", torch.ones(num_classes))
         self.val_metrics = classification_metrics(num_classes)
 
     def train_view(self, image_size: int, channels: int) -> View:
         return supervised_view(image_size, channels)
+
+    def encoders(self) -> dict[str, nn.Module]:
+        """The pooled features before the classifier, for probes and clustering."""
+        return {"model": PooledFeatures(self.model)}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)

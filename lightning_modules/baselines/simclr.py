@@ -6,9 +6,22 @@ import torch
 from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
 
-from datamodules.views import View, simclr_view
+from datamodules.views import Recipe, View, Views, blur_sigmas, colour_recipe
 
 from .self_supervised import SelfSupervisedModule
+
+
+def simclr_view(image_size: int, channels: int) -> View:
+    """Two lightly SimCLR views; crops are milder than ImageNet's, since small plankton images
+    lose their class when cropped to 8% of their area."""
+    recipe = Recipe(
+        size=image_size,
+        scale=(0.3, 1.0),
+        blur_prob=0.3,
+        sigmas=blur_sigmas(image_size),
+        **colour_recipe(channels, strength=1.0),
+    )
+    return Views(((recipe, 2),))
 
 
 class SimCLRModule(SelfSupervisedModule):

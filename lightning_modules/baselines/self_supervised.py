@@ -9,20 +9,18 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from ..common.classification_metrics import EvalSetClassifier
+from ..common.schedules import scaled_lr, warmup_cosine
 from .backbones import create_backbone
-from .classification_metrics import EvalSetClassifier
 from .knn import KNNAccuracy
-from .schedules import scaled_lr, warmup_cosine
 
 
 class SelfSupervisedModule(EvalSetClassifier):
-    """Base of the self-supervised methods; a subclass implements ``ssl_step``.
+    """Base of the self-supervised methods; a subclass implements ``ssl_step``, and may build
+    another encoder than a timm ResNet by overriding ``build_backbone``. The data's number of
+    classes serves only the online classifier and the kNN monitor.
 
     Args:
-        num_classes: linked from the data (for the online classifier and the kNN monitor only).
-        class_names: linked from the data.
-        in_chans: linked from the data.
-        image_size: linked from the data.
         backbone: a timm model name, never pretrained.
         lr: AdamW learning rate for a global batch of 256, scaled linearly.
         weight_decay: AdamW weight decay (none on the online classifier).
@@ -33,14 +31,11 @@ class SelfSupervisedModule(EvalSetClassifier):
             lags behind the features it measures.
         small_input_stem: a 3x3 stride-1 stem without max-pool for small images (see
             ``create_backbone``).
+        **data: the data's settings (``PlanktonModule``).
     """
 
     def __init__(
         self,
-        num_classes: int,
-        class_names: list[str] | None = None,
-        in_chans: int = 1,
-        image_size: int = 32,
         backbone: str = "resnet18",
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
@@ -48,14 +43,24 @@ class SelfSupervisedModule(EvalSetClassifier):
         knn_k: int = 20,
         online_lr: float = 0.004,
         small_input_stem: bool = False,
+        **data: object,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()  # a subclass's own settings too: it passes the rest here
-        self.class_names = class_names or [str(i) for i in range(num_classes)]
-        self.backbone = create_backbone(backbone, in_chans, 0, small_input_stem)
+        super().__init__(**data)
+        num_classes = len(self.class_names)
+        self.backbone = self.build_backbone()
         self.online_classifier = nn.Linear(self.backbone.num_features, num_classes)
         self.online_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.knn = KNNAccuracy(num_classes, k=knn_k)
+
+    def build_backbone(self) -> nn.Module:
+        """The encoder trained without labels: images to pooled features ``(B, num_features)``,
+        with a ``num_features`` attribute. Called once, when ``self.hparams`` holds every setting."""
+        settings = self.hparams
+        return create_backbone(settings.backbone, settings.in_chans, 0, settings.small_input_stem)
+
+    def encoders(self) -> dict[str, nn.Module]:
+        """The networks that probes and clustering may read, by name; the first by default."""
+        return {"backbone": self.backbone}
 
     def ssl_step(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loss, backbone features of the first view)``."""

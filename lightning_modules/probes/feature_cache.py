@@ -2,8 +2,8 @@
 
 The cache key hashes the feature source's fingerprint (its weights and every setting: layers,
 timesteps, pooling, noise) and the split's identity (the image cache it reads and which rows, with
-which labels). Arrays are written under a temporary name and renamed into place, the index last,
-so a half-written cache is never read; a changed setting gives another key.
+which labels), so a changed setting gives another key. The cache is an ``ArrayStore`` entry (one
+float16 column block per key, in the source's key order), so a half-written cache is never read.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from datamodules.cache import write_array_atomic, write_text_atomic
 from datamodules.datamodule import PlanktonImages, keep_batch
+from datamodules.store import ArrayStore, write_array_atomic
 
 from .features import FeatureKey, FeatureSource
 
@@ -57,15 +57,15 @@ def load_or_extract(
     reads it. An image's features do not depend on its batch, so the cache is bit-identical to a
     single process's.
     """
-    folder = Path(cache_dir) / "features"
+    store = ArrayStore(Path(cache_dir) / "features", FEATURE_CACHE_VERSION)
+    folder = store.folder
     name = hashlib.sha256(f"{source.fingerprint()}:{split_fingerprint(dataset)}".encode())
     name = name.hexdigest()[:24]
-    array_path, index_path = folder / f"{name}.npy", folder / f"{name}.json"
-    loaded = _load(array_path, index_path, len(dataset), source)
-    if loaded is not None:
-        return loaded
     dims = source.feature_dims()
     total = sum(dims[key] for key in source.keys)
+    loaded = _load(store, name, len(dataset), source)
+    if loaded is not None:
+        return loaded
     size = len(dataset) * total * 2
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
@@ -98,7 +98,7 @@ def load_or_extract(
 
     world = strategy.world_size if strategy is not None else 1
     if world == 1:
-        write_array_atomic(array_path, (len(dataset), total), np.float16, extract(dataset))
+        store.write_array(name, (len(dataset), total), np.float16, extract(dataset))
     else:
         shards = [folder / f"{name}.shard{r}of{world}.npy" for r in range(world)]
         rows = np.array_split(np.arange(len(dataset)), world)[strategy.global_rank]
@@ -113,51 +113,33 @@ def load_or_extract(
             def join(array: np.ndarray) -> None:
                 array[:] = np.concatenate(parts)
 
-            write_array_atomic(array_path, (len(dataset), total), np.float16, join)
+            store.write_array(name, (len(dataset), total), np.float16, join)
             for path in shards:
                 path.unlink()
     if strategy is None or strategy.is_global_zero:
-        _write_index(index_path, source, dims, len(dataset))
+        store.commit(name, {"settings": source.settings(), "keys": _key_index(source)})
     if world > 1:
         strategy.barrier("feature cache joined")
-    loaded = _load(array_path, index_path, len(dataset), source)
-    assert loaded is not None, f"feature cache {array_path} unreadable right after writing it"
+    loaded = _load(store, name, len(dataset), source)
+    assert loaded is not None, f"feature cache {store.array_path(name)} unreadable after writing"
     return loaded
 
 
-def _write_index(
-    index_path: Path, source: FeatureSource, dims: dict[FeatureKey, int], count: int
-) -> None:
-    """Written last: its presence says the array beside it is complete."""
-    index = {
-        "version": FEATURE_CACHE_VERSION,
-        "settings": source.settings(),
-        "count": count,
-        "keys": [[_key_text(key), dims[key]] for key in source.keys],
-    }
-    write_text_atomic(index_path, json.dumps(index))
+def _key_index(source: FeatureSource) -> list[list]:
+    """The index's record of the column blocks: each key and its width, in order."""
+    dims = source.feature_dims()
+    return [[_key_text(key), dims[key]] for key in source.keys]
 
 
 def _load(
-    array_path: Path, index_path: Path, count: int, source: FeatureSource
+    store: ArrayStore, name: str, count: int, source: FeatureSource
 ) -> dict[FeatureKey, torch.Tensor] | None:
-    if not (index_path.exists() and array_path.exists()):
-        return None
-    try:
-        index = json.loads(index_path.read_text())
-        array = np.load(array_path, mmap_mode="r")
-    except (OSError, ValueError):
-        return None
     dims = source.feature_dims()
-    expected = [[_key_text(key), dims[key]] for key in source.keys]
-    if (
-        index.get("version") != FEATURE_CACHE_VERSION
-        or index.get("keys") != expected
-        or array.shape != (count, sum(dims.values()))
-    ):
+    stored = store.load(name, (count, sum(dims.values())))
+    if stored is None or stored.index.get("keys") != _key_index(source):
         return None
     features, offset = {}, 0
     for key in source.keys:
-        features[key] = torch.from_numpy(np.array(array[:, offset : offset + dims[key]]))
+        features[key] = torch.from_numpy(np.array(stored.array[:, offset : offset + dims[key]]))
         offset += dims[key]
     return features

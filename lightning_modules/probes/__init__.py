@@ -1,0 +1,7 @@
+"""Frozen features and what reads them: feature sources, the feature cache, the probe grid, its
+reports and clustering."""
+
+from .features import DiffusionFeatures, EncoderFeatures, FeatureKey, FeatureSource
+from .probe import ProbeModule
+
+__all__ = ["DiffusionFeatures", "EncoderFeatures", "FeatureKey", "FeatureSource", "ProbeModule"]
