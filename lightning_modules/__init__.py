@@ -54,6 +54,7 @@ METHODS: Mapping[str, Method] = {
     "supervised": Method("lightning_modules.SupervisedModule", "supervised", True, "model."),
     "simclr": Method("lightning_modules.SimCLRModule", "SimCLR", False, "projection_head."),
     "dino": Method("lightning_modules.DINOModule", "DINO", False, "teacher_backbone."),
+    "mae": Method("lightning_modules.baselines.mae.MAEModule", "MAE", False, "decoder."),
 }
 # The methods the diffusion features are compared with.
 BASELINES = tuple(name for name, method in METHODS.items() if method.probe == "encoder")
