@@ -12,11 +12,12 @@ from datamodules.sources import scan_class_folders
 from datamodules.synthetic import write_dataset
 from datamodules.views import eval_view
 from lightning_modules import (
+    BASELINES,
+    METHODS,
     DiffusionFeatures,
     DiffusionModule,
     EncoderFeatures,
     ProbeModule,
-    SimCLRModule,
     SupervisedModule,
     load_diffusion,
 )
@@ -206,17 +207,20 @@ def test_a_probe_checkpoint_reloads_with_the_test_time_predictions(
         assert (tmp_path / "again.csv").read_text() == out.read_text()
 
 
-def test_representation_checkpoints_are_refused_with_how_to_probe_them(
-    diffusion_checkpoint, sample, tmp_path
-):
-    simclr = SimCLRModule(num_classes=4, image_size=16, in_chans=1, backbone="resnet10t")
-    path = tmp_path / "simclr.ckpt"
-    torch.save({"hyper_parameters": dict(simclr.hparams), "state_dict": simclr.state_dict()}, path)
-    with pytest.raises(ValueError, match="SimCLR checkpoint.*Probe it first.*probe_encoder.yaml"):
+@pytest.mark.parametrize("name", [name for name in BASELINES if not METHODS[name].per_regime])
+def test_label_free_checkpoints_are_refused_with_how_to_probe_them(name, sample, tmp_path):
+    module = METHODS[name].module(num_classes=4, image_size=16, in_chans=1)
+    path = tmp_path / f"{name}.ckpt"
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
+    display = METHODS[name].display_name
+    with pytest.raises(ValueError, match=f"{display} checkpoint.*Probe it first.*probe_encoder"):
         classify_folder(path, sample, tmp_path / "p.csv")
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_diffusion_checkpoints_are_refused_with_how_to_probe_them(diffusion_checkpoint):
     with pytest.raises(ValueError, match="diffusion checkpoint.*Probe it first.*probe_diffusion"):
         load_classifier(diffusion_checkpoint)
-    assert not (tmp_path / "p.csv").exists()
 
 
 def test_missing_files_and_folders_without_images_are_named(

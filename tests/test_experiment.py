@@ -61,7 +61,9 @@ def test_smoke_experiment_killed_mid_stage_resumes_and_reports_every_method(tmp_
     assert compute["wall_s"] > interrupted_wall > 0  # the interrupted attempt counts too
 
     rows = [row.label for row in table_rows(json.loads((out / "experiment.json").read_text()))]
-    assert rows[2:] == ["supervised end to end", "supervised probe", "SimCLR probe", "DINO probe"]
+    assert rows[2:] == [
+        "supervised end to end", "supervised probe", "SimCLR probe", "DINO probe", "MAE probe"
+    ]  # fmt: skip
     records = json.loads((out / "results.json").read_text())
     found = {(r["regime"], r["method"], r["eval_set"], r["metric"]) for r in records}
     expected = itertools.product(
@@ -76,7 +78,7 @@ def test_smoke_experiment_killed_mid_stage_resumes_and_reports_every_method(tmp_
     for figure in ("diffusion_samples.png", "real_images.png", "confusion_best.png",
                    "heatmap_long_tailed_macro_f1.png"):  # fmt: skip
         assert (out / "figures" / figure).stat().st_size > 0
-    assert "| diffusion | " in report and "| DINO | " in report  # clustering
+    assert "| diffusion | " in report and "| DINO | " in report and "| MAE | " in report
     assert "| dino | " in report  # compute
     assert list((out / "runs" / "simclr").glob("events.out.tfevents.*"))
 
