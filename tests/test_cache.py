@@ -7,6 +7,7 @@ from PIL import Image
 from datamodules.cache import cache_key, load_or_build
 from datamodules.preprocessing import Preprocessing, load_preprocessed
 from datamodules.sources import scan
+from datamodules.store import ArrayStore
 
 
 @pytest.fixture
@@ -89,3 +90,17 @@ def test_parallel_build_equals_serial_build(folder, tmp_path):
     parallel = load_or_build(records, settings, tmp_path / "b", "x", num_workers=2, progress=False)
     assert np.array_equal(np.asarray(serial.images), np.asarray(parallel.images))
     assert [s.path for s in serial.failed] == [s.path for s in parallel.failed]
+
+
+def test_array_store_reads_only_committed_entries_of_its_version_and_shape(tmp_path):
+    store = ArrayStore(tmp_path / "store", version=2)
+    store.write_array("k", (3, 2), np.float16, lambda a: a.__setitem__(slice(None), 1.5))
+    assert store.load("k", (3, 2)) is None  # the array without its index: not complete
+    store.commit("k", {"note": "x"})
+    stored = store.load("k", (3, 2))
+    assert stored.index == {"version": 2, "note": "x"} and (stored.array == 1.5).all()
+    assert store.load("k", (2, 3)) is None
+    assert ArrayStore(store.folder, version=3).load("k", (3, 2)) is None
+    store.write_array("other", (1,), np.uint8, lambda a: None)  # a half-written entry
+    store.remove_others("k")
+    assert sorted(p.name for p in store.folder.iterdir()) == ["k.json", "k.npy"]

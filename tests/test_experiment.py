@@ -9,7 +9,7 @@ import pytest
 from conftest import REPOSITORY
 
 from cli import main
-from workflows.experiment import Experiment
+from workflows.experiment import Experiment, ExperimentRunner
 from workflows.report import table_rows
 
 SMOKE = REPOSITORY / "configs" / "experiments" / "smoke.yaml"
@@ -127,3 +127,23 @@ def test_a_bad_experiment_config_names_the_problem(tmp_path, capsys):
     assert "missing sections ['probes']" in capsys.readouterr().err
     assert main(["report", str(tmp_path)]) == 2
     assert "not an experiment run folder" in capsys.readouterr().err
+
+
+def test_an_experiment_runs_any_subset_of_the_registered_baselines(tmp_path, capsys):
+    text = SMOKE.read_text()
+    subset = tmp_path / "subset.yaml"
+    baselines = text[text.index("baselines:") : text.index("probes:")]
+    subset.write_text(
+        text.replace(baselines, "baselines:\n  mae: {config: ../mae.yaml, max_epochs: 1}\n")
+        .replace("../", f"{SMOKE.parent.parent}/")
+    )
+    experiment = Experiment.from_file(subset)
+    assert list(experiment.baselines) == ["mae"]
+    runner = ExperimentRunner(experiment, tmp_path / "run")
+    assert list(runner.feature_sources("balanced")) == ["diffusion", "mae"]
+    assert [row.label for row in table_rows({"baselines": {"mae": {}}})][2:] == ["MAE probe"]
+
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text(subset.read_text().replace("  mae:", "  byol:"))
+    assert main(["experiment", "--config", str(unknown)]) == 2
+    assert "baselines ['byol'] are not registered; choose among" in capsys.readouterr().err
