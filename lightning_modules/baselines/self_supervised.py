@@ -54,7 +54,8 @@ class SelfSupervisedModule(EvalSetClassifier):
 
     def build_backbone(self) -> nn.Module:
         """The encoder trained without labels: images to pooled features ``(B, num_features)``,
-        with a ``num_features`` attribute. Called once, when ``self.hparams`` holds every setting."""
+        with a ``num_features`` attribute. Called once, once ``self.hparams`` holds every
+        setting."""
         settings = self.hparams
         return create_backbone(settings.backbone, settings.in_chans, 0, settings.small_input_stem)
 
