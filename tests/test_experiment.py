@@ -134,8 +134,9 @@ def test_an_experiment_runs_any_subset_of_the_registered_baselines(tmp_path, cap
     subset = tmp_path / "subset.yaml"
     baselines = text[text.index("baselines:") : text.index("probes:")]
     subset.write_text(
-        text.replace(baselines, "baselines:\n  mae: {config: ../mae.yaml, max_epochs: 1}\n")
-        .replace("../", f"{SMOKE.parent.parent}/")
+        text.replace(
+            baselines, "baselines:\n  mae: {config: ../mae.yaml, max_epochs: 1}\n"
+        ).replace("../", f"{SMOKE.parent.parent}/")
     )
     experiment = Experiment.from_file(subset)
     assert list(experiment.baselines) == ["mae"]
