@@ -213,13 +213,13 @@ def test_label_free_checkpoints_are_refused_with_how_to_probe_them(name, sample,
     path = tmp_path / f"{name}.ckpt"
     torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
     display = METHODS[name].display_name
-    with pytest.raises(ValueError, match=f"{display} checkpoint.*Probe it first.*probe_encoder"):
+    with pytest.raises(ValueError, match=f"{display} pretraining.*Probe it first.*probe_encoder"):
         classify_folder(path, sample, tmp_path / "p.csv")
     assert not (tmp_path / "p.csv").exists()
 
 
 def test_diffusion_checkpoints_are_refused_with_how_to_probe_them(diffusion_checkpoint):
-    with pytest.raises(ValueError, match="diffusion checkpoint.*Probe it first.*probe_diffusion"):
+    with pytest.raises(ValueError, match="diffusion pretraining.*Probe it first.*probe_diffusion"):
         load_classifier(diffusion_checkpoint)
 
 

@@ -127,8 +127,8 @@ def _not_a_classifier(path: Path, method: str | None, hparams: dict) -> str:
     if method is not None:
         probe = METHODS[method].probe
         return (
-            f"{path} is a {METHODS[method].display_name} checkpoint: it learned features, not "
-            f"classes. Probe it first (plankton fit --config configs/probe_{probe}.yaml "
+            f"{path} comes from {METHODS[method].display_name} pretraining: it learned features, "
+            f"not classes. Probe it first (plankton fit --config configs/probe_{probe}.yaml "
             f"--model.init_args.features.init_args.checkpoint {path}) and classify with the "
             "probe's checkpoint"
         )
