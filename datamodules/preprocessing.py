@@ -8,6 +8,8 @@ to the same form once, before it enters the cache.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -34,12 +36,16 @@ class Preprocessing:
             dark background.
         max_aspect: images longer than this ratio are widened to it before padding, so that thin
             objects (fibres, chains) keep more than a pixel of width after resizing.
+        max_pixels: larger images are not decoded but skipped and listed, so that one huge or
+            malicious file (a "decompression bomb": a few hundred KB on disk, gigabytes in
+            memory) cannot stop a dataset. PIL's own limit is about 89 million pixels.
     """
 
     image_size: int = 32
     channels: Literal[1, 3] = 1
     polarity: Literal["keep", "auto"] = "keep"
     max_aspect: float = 4.0
+    max_pixels: int = 89_478_485
 
     def __post_init__(self) -> None:
         if self.image_size < 4:
@@ -50,22 +56,47 @@ class Preprocessing:
             raise ValueError(f"polarity must be 'keep' or 'auto', got {self.polarity!r}")
         if self.max_aspect < 1:
             raise ValueError(f"max_aspect must be >= 1, got {self.max_aspect}")
+        if self.max_pixels < self.image_size**2:
+            raise ValueError(
+                f"max_pixels must be at least image_size squared, got {self.max_pixels}"
+            )
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def read_image(path: str | Path, channels: int) -> np.ndarray:
+@contextmanager
+def _pixel_limit_checked_here() -> Iterator[None]:
+    """PIL refuses to open images above twice its own limit; ``read_image`` applies the
+    configured one instead, from the header, before any pixel is decoded."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def read_image(
+    path: str | Path, channels: int, max_pixels: int = Preprocessing.max_pixels
+) -> np.ndarray:
     """Decode ``path`` into uint8 ``(H, W)`` (greyscale) or ``(H, W, 3)`` (RGB).
 
     Raises:
-        ImageReadError: the file is empty, truncated, not an image or in an unusable mode.
+        ImageReadError: the file is empty, truncated, not an image, in an unusable mode, or has
+            more than ``max_pixels`` pixels.
     """
     path = Path(path)
     try:
         if path.stat().st_size == 0:
             raise ImageReadError("empty file (0 bytes)")
-        with Image.open(path) as image:
+        with _pixel_limit_checked_here(), Image.open(path) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageReadError(
+                    f"too large to decode: {width}x{height} = {width * height:,} pixels, above "
+                    f"the limit of {max_pixels:,} (the data setting max_image_pixels)"
+                )
             image.load()
             array = _to_uint8(image)
     except ImageReadError:
@@ -164,4 +195,4 @@ def preprocess(array: np.ndarray, settings: Preprocessing) -> np.ndarray:
 
 def load_preprocessed(path: str | Path, settings: Preprocessing) -> np.ndarray:
     """Read and preprocess one file (the unit of work of the cache builder)."""
-    return preprocess(read_image(path, settings.channels), settings)
+    return preprocess(read_image(path, settings.channels, settings.max_pixels), settings)

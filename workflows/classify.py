@@ -52,8 +52,8 @@ _UNREADABLE = (ImageReadError, Image.DecompressionBombError, OSError, ValueError
 class ClassifierSettings:
     """How the checkpoint's training images were preprocessed: new images must match them.
 
-    ``polarity`` and ``max_aspect`` come from the data settings stored in the checkpoint; a
-    checkpoint without them gets the configs' values (``auto``, 4).
+    ``polarity``, ``max_aspect`` and ``max_pixels`` come from the data settings stored in the
+    checkpoint; a checkpoint without them gets the configs' values.
     """
 
     kind: str
@@ -61,10 +61,13 @@ class ClassifierSettings:
     in_chans: int
     polarity: Literal["keep", "auto"] = "auto"
     max_aspect: float = 4.0
+    max_pixels: int = Preprocessing.max_pixels
 
     @property
     def preprocessing(self) -> Preprocessing:
-        return Preprocessing(self.image_size, self.in_chans, self.polarity, self.max_aspect)
+        return Preprocessing(
+            self.image_size, self.in_chans, self.polarity, self.max_aspect, self.max_pixels
+        )
 
 
 def load_classifier(path: str | Path) -> tuple[Classifier, ClassifierSettings]:
@@ -101,6 +104,7 @@ def load_classifier(path: str | Path) -> tuple[Classifier, ClassifierSettings]:
         in_chans=int(data.get("channels", hparams["in_chans"])),
         polarity=data.get("polarity", "auto"),
         max_aspect=float(data.get("max_aspect", 4.0)),
+        max_pixels=int(data.get("max_image_pixels", Preprocessing.max_pixels)),
     )
     return module.eval(), settings
 
@@ -157,6 +161,20 @@ def image_files(root: Path) -> list[Path]:
     )
 
 
+def check_outputs(paths: list[Path], overwrite: bool) -> None:
+    """Refuse to write over a folder, a file that is not a CSV, or (without ``overwrite``) any
+    existing file: a mistyped ``--out`` must not replace someone's data."""
+    for path in paths:
+        if path.suffix.lower() != ".csv":
+            raise ValueError(f"--out {path} must name a .csv file")
+        if path.is_dir():
+            raise ValueError(f"--out {path} is a folder; name a .csv file")
+        if path.exists() and not overwrite:
+            raise FileExistsError(
+                f"{path} exists; choose another --out or pass --overwrite to replace it"
+            )
+
+
 def classify_folder(
     checkpoint: str | Path,
     images: str | Path,
@@ -164,9 +182,13 @@ def classify_folder(
     top_k: int = 3,
     batch_size: int = 64,
     device: str | torch.device | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Classify every image below ``images`` and write ``out`` (top-k labels per image),
     ``<stem>_counts.csv`` (the abundance table) and ``<stem>_skipped.csv``.
+
+    ``out`` must be a ``.csv`` path; none of the three files may exist unless ``overwrite``,
+    which is checked before any image is read, so a long sample never ends in a refusal.
 
     A sample often holds a few broken files; they are listed with their reason instead of
     stopping the run. Images are read in batches of ``batch_size``, so a sample of any size fits
@@ -182,6 +204,13 @@ def classify_folder(
     root = Path(images)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist or is not a folder")
+    out = Path(out)
+    outputs = [
+        out,
+        out.with_name(f"{out.stem}_counts.csv"),
+        out.with_name(f"{out.stem}_skipped.csv"),
+    ]
+    check_outputs(outputs, overwrite)
     if top_k < 1 or batch_size < 1:
         raise ValueError(f"top_k and batch_size must be at least 1, got {top_k} and {batch_size}")
     files = image_files(root)
@@ -230,10 +259,8 @@ def classify_folder(
             f"no readable image in {root}: all {len(skipped)} image files failed, e.g. {examples}"
         )
 
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    counts_path = out.with_name(f"{out.stem}_counts.csv")
-    skipped_path = out.with_name(f"{out.stem}_skipped.csv")
+    _, counts_path, skipped_path = outputs
     header = ["path"] + [f"{kind}_{i}" for i in range(1, k + 1) for kind in ("label", "prob")]
     order = sorted(range(len(classes)), key=lambda i: -counts[i])  # ties keep the class order
     write_csv_atomic(out, header, rows)

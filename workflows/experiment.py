@@ -14,10 +14,12 @@ there is); a method that learns from labels, and every probe, is trained once pe
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 import yaml
 
+from datamodules import PlanktonDataModule
 from datamodules.store import write_text_atomic
 from lightning_modules import BASELINES, METHODS, load_diffusion
 from lightning_modules.common.figures import save_grid
@@ -34,6 +37,29 @@ from .clustering import cluster_features
 from .lightning_cli import PlanktonCLI, datamodule_from_config
 
 STAGES = ("data", "diffusion", "baselines", "probes", "clustering", "report")
+# The keys an experiment config may hold, section by section.
+TOP_KEYS = (
+    "name", "data", "data_overrides", "regimes", "pretrain_regime", "trainer_overrides",
+    "diffusion", "baselines", "probes", "clustering", "samples",
+)  # fmt: skip
+METHOD_KEYS = ("config", "max_epochs", "overrides")
+PROBE_KEYS = ("diffusion", "encoder")
+CLUSTERING_KEYS = ("split",)
+
+
+def check_keys(section: object, valid: Iterable[str], where: str) -> None:
+    """Refuse a key ``section`` may not hold, naming it and the closest valid one: a misspelt
+    key would otherwise be ignored and the run fall back to a default."""
+    if section is None:
+        return
+    if not isinstance(section, dict):
+        raise ValueError(f"{where} must be a mapping, got {section!r}")
+    valid = list(valid)
+    for key in section:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
+            raise ValueError(f"{where}: unknown key {key!r}; {hint}")
 
 
 @dataclass
@@ -70,10 +96,20 @@ class Experiment:
             raise FileNotFoundError(f"experiment config {path} does not exist")
         settings = yaml.safe_load(path.read_text()) or {}
         folder = path.parent
+        check_keys(settings, TOP_KEYS, str(path))
+        check_keys(settings.get("probes"), PROBE_KEYS, f"{path}: probes")
+        check_keys(settings.get("clustering"), CLUSTERING_KEYS, f"{path}: clustering")
+        for key, accepting in (
+            ("trainer_overrides", L.Trainer),
+            ("data_overrides", PlanktonDataModule),
+        ):
+            parameters = inspect.signature(accepting).parameters
+            check_keys(settings.get(key), parameters, f"{path}: {key}")
 
         def method(section: dict, where: str) -> MethodRun:
             if not isinstance(section, dict) or "config" not in section:
                 raise ValueError(f"{path}: {where} needs a `config` (a method config path)")
+            check_keys(section, METHOD_KEYS, f"{path}: {where}")
             config = (folder / section["config"]).resolve()
             if not config.is_file():
                 raise FileNotFoundError(f"{path}: {where}.config {config} does not exist")
