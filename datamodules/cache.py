@@ -4,6 +4,9 @@ A cache is an ``ArrayStore`` entry: uint8 images ``(N, C, S, S)`` opened memory-
 index listing the files and those that failed to decode. Its key hashes the preprocessing settings
 and every file's path, size and modification time, so a changed file or setting gives another key
 and the stale cache is never used.
+
+A stale cache is not deleted here: another process (a ``plankton fit`` on the same source) may be
+reading it. ``plankton cache clean`` removes the caches no running process holds a lease on.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from .preprocessing import ImageReadError, Preprocessing, load_preprocessed
 from .sources import ImageRecord, Skipped
 from .store import ArrayStore
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the index holds the array's checksum
 
 
 def default_cache_dir() -> Path:
@@ -66,10 +69,11 @@ def load_or_build(
     num_workers: int = 0,
     progress: bool = True,
 ) -> CachedImages:
-    """The cache of ``records`` under ``settings``, built if absent or stale.
+    """The cache of ``records`` under ``settings``, built if absent, stale or corrupt (its
+    checksum is verified on first use in a process).
 
-    ``source_name`` groups the caches of one dataset: building a new one removes that dataset's
-    stale caches, so disk use stays bounded.
+    ``source_name`` groups the caches of one dataset in one folder, so ``plankton cache list``
+    shows them together; no cache is removed here (see the module docstring).
     """
     folder = Path(cache_dir) / "images" / hashlib.sha256(source_name.encode()).hexdigest()[:16]
     store = ArrayStore(folder, CACHE_VERSION)
@@ -91,7 +95,6 @@ def load_or_build(
             "files": [str(r.path) for r in records],
         },
     )
-    store.remove_others(key)
     cached = _load(store, key, shape)
     assert cached is not None, f"cache {store.array_path(key)} unreadable right after writing it"
     return cached

@@ -4,15 +4,30 @@ and is renamed into place once complete.
 ``ArrayStore`` is the protocol both caches (images, features) share: an ``.npy`` array, opened
 memory-mapped, and a JSON index beside it. The index is written last, so a key whose index exists
 is complete; a crash mid-write leaves nothing that could be read. What a key hashes and what the
-index holds beyond its version and shape stay with each cache.
+index holds beyond its version, shape and checksum stays with each cache.
+
+Two guards make a shared cache folder safe for concurrent runs:
+
+- the index holds a checksum of the array file, verified the first time a process opens the
+  entry, so a flipped bit on disk is rebuilt instead of silently feeding a model wrong pixels;
+- a process that opens or builds an entry holds a *lease* on it, a file
+  ``<key>.lease.<pid>@<host>`` removed at exit, so ``plankton cache clean`` (in
+  ``workflows/caches.py``) never removes an entry a running process still reads.
+
+Nothing here deletes an entry: rebuilding renames a new array over the old name, so a process
+holding a memory map of the old file keeps reading its (unlinked) inode.
 """
 
 from __future__ import annotations
 
+import atexit
 import csv
+import hashlib
 import io
 import json
 import os
+import socket
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +37,28 @@ import numpy as np
 
 T = TypeVar("T")
 
+LEASE_MARK = ".lease."
+
+# Array files this process has checksummed, as (path, inode, size, mtime_ns, checksum): an entry
+# is verified on its first opening only, since hashing a multi-GB array on every open (or every
+# epoch) would cost more than the cache saves. Tests clear it to verify again.
+verified: set[tuple[str, int, int, int, str]] = set()
+
+# Lease files this process holds, with the pid that took them: a forked child inherits this
+# dict and must not release its parent's leases.
+_held: dict[Path, int] = {}
+
+
+def _owner_token() -> str:
+    """``<pid>@<host>``: names the temporaries and leases of this process, so cleaning can tell
+    whether the process that wrote them is still running."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` under a temporary name and rename it into place."""
     path = Path(path)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    staging = path.with_name(f".{path.name}.{_owner_token()}.tmp")
     staging.write_text(text)
     os.replace(staging, path)
 
@@ -46,9 +78,12 @@ def write_array_atomic(
     path: Path, shape: tuple[int, ...], dtype: np.dtype | type, fill: Callable[[np.ndarray], T]
 ) -> T:
     """Create the ``.npy`` array ``path`` memory-mapped under a temporary name, let ``fill``
-    write it, and rename it into place only once it is complete. Returns what ``fill`` returns."""
+    write it, and rename it into place only once it is complete. Returns what ``fill`` returns.
+
+    The rename gives ``path`` a new inode: a reader holding a memory map of the file it replaces
+    keeps reading the old one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.stem}.{os.getpid()}.npy.tmp")
+    staging = path.with_name(f".{path.name}.{_owner_token()}.tmp")
     try:
         array = np.lib.format.open_memmap(staging, mode="w+", dtype=dtype, shape=shape)
         result = fill(array)
@@ -58,6 +93,22 @@ def write_array_atomic(
     finally:
         staging.unlink(missing_ok=True)
     return result
+
+
+def file_checksum(path: Path) -> str:
+    """blake2b of the file's bytes (the ``.npy`` header included), read in chunks so memory
+    stays flat however large the array."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "blake2b").hexdigest()
+
+
+def release_leases() -> None:
+    """Remove the leases this process took (run at exit; a killed process leaves them, and
+    cleaning recognises them as stale)."""
+    for path, pid in list(_held.items()):
+        if pid == os.getpid():
+            path.unlink(missing_ok=True)
+            del _held[path]
 
 
 @dataclass(frozen=True)
@@ -84,18 +135,57 @@ class ArrayStore:
     def index_path(self, key: str) -> Path:
         return self.folder / f"{key}.json"
 
+    def lease(self, key: str) -> None:
+        """Mark ``key`` as used by this process until it exits, so cleaning keeps it.
+
+        Taken before the entry is opened or built (a build's temporaries and shards belong to
+        its key too). A folder this user cannot write (a read-only shared cache) gets no lease:
+        a warning says that cleaning by someone else could then remove the entry."""
+        path = self.folder / f"{key}{LEASE_MARK}{_owner_token()}"
+        if path in _held:
+            return
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            path.touch()
+        except OSError as error:
+            warnings.warn(
+                f"{path}: cannot take a lease ({error}); `plankton cache clean` run by another "
+                "user may remove this cache while it is in use",
+                stacklevel=3,
+            )
+            return
+        if not _held:
+            atexit.register(release_leases)
+        _held[path] = os.getpid()
+
     def load(self, key: str, shape: tuple[int, ...]) -> Stored | None:
-        """The entry ``key`` if it is complete, of this version and of ``shape``; else None."""
+        """The entry ``key`` if it is complete, of this version and of ``shape``, and its array
+        matches the index's checksum; else None (the caller rebuilds it). Leases ``key``."""
+        self.lease(key)
         array_path, index_path = self.array_path(key), self.index_path(key)
         if not (index_path.exists() and array_path.exists()):
             return None
         try:
             index = json.loads(index_path.read_text())
             array = np.load(array_path, mmap_mode="r")
+            stat = array_path.stat()
         except (OSError, ValueError):
             return None
-        if index.get("version") != self.version or tuple(array.shape) != tuple(shape):
+        # An index without a checksum comes from before checksums: stale, like another version.
+        if index.get("version") != self.version or "checksum" not in index:
             return None
+        if tuple(array.shape) != tuple(shape):
+            return None
+        token = (str(array_path), stat.st_ino, stat.st_size, stat.st_mtime_ns, index["checksum"])
+        if token not in verified:
+            if file_checksum(array_path) != index["checksum"]:
+                warnings.warn(f"{array_path}: checksum mismatch, rebuilding", stacklevel=3)
+                return None
+            verified.add(token)
+        try:  # marks the entry as used, for `plankton cache list` and `clean --unused-for`
+            os.utime(index_path)
+        except OSError:
+            pass  # a read-only shared cache: the last use stays unknown, the entry is fine
         return Stored(array, index)
 
     def write_array(
@@ -107,14 +197,17 @@ class ArrayStore:
     ) -> T:
         """The array of ``key``, atomically (see ``write_array_atomic``); not readable before
         ``commit``."""
+        self.lease(key)
         return write_array_atomic(self.array_path(key), shape, dtype, fill)
 
     def commit(self, key: str, index: dict) -> None:
-        """Write the index last: from now on ``load`` returns the entry."""
-        write_text_atomic(self.index_path(key), json.dumps({"version": self.version, **index}))
-
-    def remove_others(self, key: str) -> None:
-        """Delete every entry but ``key``, half-written ones included."""
-        for path in self.folder.iterdir():
-            if path.suffix in (".npy", ".json") and path.stem != key:
-                path.unlink(missing_ok=True)
+        """Checksum the written array and write the index last: from now on ``load`` returns
+        the entry. The array is already verified for this process: it was just hashed."""
+        array_path = self.array_path(key)
+        stat = array_path.stat()
+        checksum = file_checksum(array_path)
+        write_text_atomic(
+            self.index_path(key),
+            json.dumps({"version": self.version, **index, "checksum": checksum}),
+        )
+        verified.add((str(array_path), stat.st_ino, stat.st_size, stat.st_mtime_ns, checksum))

@@ -56,8 +56,8 @@ def test_changed_file_or_setting_invalidates_the_cache(folder, tmp_path):
     _, rebuilt = _build(folder, tmp_path / "cache")
     row = [r.path for r in records].index(target)
     assert (rebuilt.images[row] == 200).all()
-    # Building a new cache for the same source removes the stale one.
-    assert not first.path.exists()
+    # The stale cache stays (a running fit may read it): `plankton cache clean` removes it.
+    assert first.path.exists()
 
 
 def test_half_written_cache_is_never_read(folder, tmp_path):
@@ -79,7 +79,8 @@ def test_crash_during_build_leaves_no_cache(folder, tmp_path, monkeypatch):
     monkeypatch.setattr(cache_module, "_fill", crash)
     with pytest.raises(KeyboardInterrupt):
         _build(folder, tmp_path / "cache")
-    leftovers = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    files = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    leftovers = [p for p in files if ".lease." not in p.name]  # this process's lease, until exit
     assert leftovers == []
 
 
@@ -98,9 +99,7 @@ def test_array_store_reads_only_committed_entries_of_its_version_and_shape(tmp_p
     assert store.load("k", (3, 2)) is None  # the array without its index: not complete
     store.commit("k", {"note": "x"})
     stored = store.load("k", (3, 2))
-    assert stored.index == {"version": 2, "note": "x"} and (stored.array == 1.5).all()
+    assert stored.index == {"version": 2, "note": "x", "checksum": stored.index["checksum"]}
+    assert (stored.array == 1.5).all()
     assert store.load("k", (2, 3)) is None
     assert ArrayStore(store.folder, version=3).load("k", (3, 2)) is None
-    store.write_array("other", (1,), np.uint8, lambda a: None)  # a half-written entry
-    store.remove_others("k")
-    assert sorted(p.name for p in store.folder.iterdir()) == ["k.json", "k.npy"]

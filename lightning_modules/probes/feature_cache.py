@@ -3,7 +3,9 @@
 The cache key hashes the feature source's fingerprint (its weights and every setting: layers,
 timesteps, pooling, noise) and the split's identity (the image cache it reads and which rows, with
 which labels), so a changed setting gives another key. The cache is an ``ArrayStore`` entry (one
-float16 column block per key, in the source's key order), so a half-written cache is never read.
+float16 column block per key, in the source's key order), so a half-written cache is never read,
+one whose checksum no longer matches is extracted again, and one a running process holds a lease
+on is never removed by ``plankton cache clean``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from datamodules.store import ArrayStore, write_array_atomic
 
 from .features import FeatureKey, FeatureSource
 
-FEATURE_CACHE_VERSION = 1
+FEATURE_CACHE_VERSION = 2  # 2: the index holds the array's checksum
 
 
 def split_fingerprint(dataset: PlanktonImages) -> str:
