@@ -8,21 +8,32 @@ done in ``workflows`` and below, and nothing imports this file.
     plankton diffusion sample --checkpoint last.ckpt --n 64 --out grid.png
     plankton features layers --checkpoint last.ckpt
     plankton features cluster --config configs/probe_diffusion.yaml
+
+A mistake (a missing file, a bad setting, a folder that cannot be written) prints one line,
+``error: ...``, and exits with status 2; ``--print_traceback`` or ``PLANKTON_TRACEBACK=1`` shows
+the whole traceback instead, for a bug report.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import pickle
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from lightning.pytorch.utilities import rank_zero_only
+
 from datamodules import PlanktonDataModule, SyntheticPlankton
+from datamodules.cache import default_cache_dir
 from datamodules.synthetic import DOMAINS, write_dataset
 from lightning_modules import DiffusionModule, load_diffusion
 from lightning_modules.common.figures import save_grid
+from workflows.caches import clean_caches, list_caches
 from workflows.classify import classify_folder
 from workflows.clustering import cluster_features
 from workflows.experiment import STAGES, Experiment, ExperimentRunner
@@ -211,8 +222,14 @@ def classify_command(argv: list[str]) -> int:
     parser.add_argument("--out", default="predictions.csv", help="CSV of the predictions")
     parser.add_argument("--top-k", type=int, default=3, help="labels per image")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --out and its _counts/_skipped files"
+    )
     args = parser.parse_args(argv)
-    summary = classify_folder(args.checkpoint, args.images, args.out, args.top_k, args.batch_size)
+    summary = classify_folder(
+        args.checkpoint, args.images, args.out, args.top_k, args.batch_size,
+        overwrite=args.overwrite,
+    )  # fmt: skip
     outputs = summary["outputs"]
     print(f"classified {summary['images']} images on {summary['device']}: {outputs['predictions']}")
     print(f"abundance table: {outputs['counts']}")
@@ -220,6 +237,35 @@ def classify_command(argv: list[str]) -> int:
         print(f"  {name:<40} {count}")
     if summary["skipped"]:
         print(f"{summary['skipped']} unreadable files listed in {outputs['skipped']}")
+    return 0
+
+
+def cache_command(argv: list[str]) -> int:
+    parser = _parser("cache")
+    parser.add_argument("action", choices=["list", "clean"])
+    parser.add_argument("--cache-dir", help="default: $PLANKTON_CACHE, else ~/.cache/plankton")
+    parser.add_argument("--dry-run", action="store_true", help="clean: list, remove nothing")
+    parser.add_argument(
+        "--unused-for", type=float, default=0.0, help="clean: only caches unused for DAYS"
+    )
+    args = parser.parse_args(argv)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    if args.action == "list":
+        entries = list_caches(cache_dir)
+        for e in entries:
+            used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
+            holders = f"in use by {', '.join(e.used_by)}" if e.used_by else "unused"
+            print(f"{e.kind:8} {e.size / 2**20:9.1f} MiB  {used}  {holders}  {e.state}  "
+                  f"{e.description}")  # fmt: skip
+        total = sum(e.size for e in entries)
+        print(f"{len(entries)} caches, {total / 2**20:.1f} MiB in {cache_dir}")
+        return 0
+    removals = clean_caches(cache_dir, args.dry_run, args.unused_for)
+    verb = "would remove" if args.dry_run else "removed"
+    for removal in removals:
+        print(f"{verb} {removal.path} ({removal.size / 2**20:.1f} MiB): {removal.reason}")
+    freed = sum(r.size for r in removals) / 2**20
+    print(f"{len(removals)} files, {freed:.1f} MiB {'would be ' if args.dry_run else ''}freed")
     return 0
 
 
@@ -240,24 +286,74 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
         "classify a folder of new images: top-k labels and an abundance table",
         classify_command,
     ),
+    "cache": ("list the caches, or clean those no running process uses", cache_command),
 }
 
 
+# Lightning's commands: what each does (their options come from LightningCLI).
+LIGHTNING_COMMANDS = {
+    "fit": "train a model: plankton fit --config configs/diffusion.yaml",
+    "validate": "score a checkpoint on the validation split (--ckpt_path)",
+    "test": "score a checkpoint on the test split and every OOD set (--ckpt_path)",
+    "predict": "class probabilities of a checkpoint on data.predict_set (--ckpt_path)",
+}
+# Errors of the user's making (a path, a setting, a file that is no checkpoint, a folder that
+# cannot be written): one line, not a traceback. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (OSError, ValueError, pickle.UnpicklingError)
+
+
+def command_list() -> str:
+    """Every command of ``plankton`` with what it does, for a bare ``plankton`` and ``--help``."""
+    rows = [f"  {k:<10} {v}" for k, v in LIGHTNING_COMMANDS.items()]
+    suite = [f"  {k:<10} {v}" for k, (v, _) in COMMANDS.items()]
+    return "\n".join(
+        ["usage: plankton COMMAND [options]", "", "Lightning commands:", *rows, "",
+         "Suite commands:", *suite, "", "plankton COMMAND --help lists a command's options; "
+         "--print_traceback (or PLANKTON_TRACEBACK=1) shows a failure's whole traceback."]
+    )  # fmt: skip
+
+
+def user_error(error: BaseException) -> str | None:
+    """The one-line message of a user error, or None for a bug. Settings are instantiated by
+    jsonargparse, which wraps a constructor's error in a ValueError of its own: the root cause
+    of a chain of user errors is reported."""
+    while isinstance(error, USER_ERRORS) and error.__cause__ is not None:
+        error = error.__cause__
+    if not isinstance(error, USER_ERRORS):
+        return None
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        hint = ""
+        if isinstance(error, PermissionError):
+            hint = ": check its permissions, or write elsewhere (--trainer.default_root_dir, --out)"
+        return f"{error.filename}: {error.strerror}{hint}"
+    return str(error)
+
+
 def main(argv: list[str] | None = None) -> int:
-    from_console = argv is None
-    argv = sys.argv[1:] if from_console else list(argv)
-    if argv and argv[0] in COMMANDS:
-        # Suite commands build Lightning CLIs from their own arguments, not from sys.argv.
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        try:
+    """Run one command; a user error (``USER_ERRORS``) prints one ``error:`` line and returns 2,
+    unless ``--print_traceback`` or ``PLANKTON_TRACEBACK=1`` asks for the traceback. Parse errors
+    keep jsonargparse's and argparse's usage message and exit status 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    traceback = "--print_traceback" in argv or os.environ.get("PLANKTON_TRACEBACK") == "1"
+    argv = [arg for arg in argv if arg != "--print_traceback"]
+    if not argv:
+        print(command_list(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
+        print(command_list() + "\n\nLightning's options:\n")
+    # Commands build Lightning CLIs from the arguments given here, not from sys.argv.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    try:
+        if argv[0] in COMMANDS:
             return COMMANDS[argv[0]][1](argv[1:])
-        except (OSError, ValueError) as error:  # bad paths, settings or disk space
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-    if argv and argv[0] in ("-h", "--help"):
-        print("Suite commands:\n" + "\n".join(f"  {k:<10} {v}" for k, (v, _) in COMMANDS.items()))
-        print("\nLightning commands (fit, validate, test, predict):\n")
-    PlanktonCLI(args=None if from_console else argv)
+        PlanktonCLI(args=argv)
+    except Exception as error:
+        message = None if traceback else user_error(error)
+        if message is None:
+            raise
+        if rank_zero_only.rank == 0:  # under DDP every rank fails alike: one line, not one each
+            print(f"error: {message}", file=sys.stderr)
+        return 2
     return 0
 
 

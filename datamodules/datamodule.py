@@ -157,9 +157,11 @@ class PlanktonDataModule(L.LightningDataModule):
         split_seed: seed of the split hash; change it for another random split.
         image_size: side of the square images the models see.
         channels: 1 for greyscale (the default), 3 for RGB.
-        polarity: ``auto`` inverts dark-on-light images so every instrument gives bright
-            objects on a dark background; ``keep`` leaves them.
+        polarity: ``auto`` (the default, as in every config) inverts dark-on-light images so
+            every instrument gives bright objects on a dark background; ``keep`` leaves them.
         max_aspect: longest aspect ratio kept before padding; thinner objects are widened.
+        max_image_pixels: images with more pixels are skipped and listed, not decoded (a
+            "decompression bomb" cannot stop the dataset); PIL's own limit by default.
         strict: raise on any unreadable or non-image file instead of skipping and listing it.
         cache_dir: where synthetic data and preprocessed caches live
             (default ``$PLANKTON_CACHE`` or ``~/.cache/plankton``).
@@ -192,8 +194,9 @@ class PlanktonDataModule(L.LightningDataModule):
         split_seed: int = 0,
         image_size: int = 32,
         channels: Literal[1, 3] = 1,
-        polarity: Literal["keep", "auto"] = "keep",
+        polarity: Literal["keep", "auto"] = "auto",
         max_aspect: float = 4.0,
+        max_image_pixels: int = Preprocessing.max_pixels,
         strict: bool = False,
         cache_dir: str | None = None,
         batch_size: int = 64,
@@ -209,6 +212,15 @@ class PlanktonDataModule(L.LightningDataModule):
             raise ValueError(f"regime must be 'balanced' or 'long_tailed', got {regime!r}")
         if sampler not in ("shuffle", "class_balanced"):
             raise ValueError(f"sampler must be 'shuffle' or 'class_balanced', got {sampler!r}")
+        for name, value, least in (
+            ("batch_size", batch_size, 1),
+            ("eval_batch_size", 1 if eval_batch_size is None else eval_batch_size, 1),
+            ("num_workers", num_workers, 0),
+            ("max_per_class", max_per_class, 1),
+            ("min_per_class", min_per_class, 0),
+        ):
+            if value < least:
+                raise ValueError(f"{name} must be at least {least}, got {value}")
         if not 0 <= resident_fraction <= 1:
             raise ValueError(
                 f"resident_fraction must be between 0 (always read from the disk cache) and 1, "
@@ -231,7 +243,9 @@ class PlanktonDataModule(L.LightningDataModule):
         self.min_per_class = min_per_class
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.split_seed = split_seed
-        self.preprocessing = Preprocessing(image_size, channels, polarity, max_aspect)
+        self.preprocessing = Preprocessing(
+            image_size, channels, polarity, max_aspect, max_image_pixels
+        )
         self.strict = strict
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.batch_size = batch_size
@@ -273,8 +287,11 @@ class PlanktonDataModule(L.LightningDataModule):
 
     @property
     def eval_set_names(self) -> list[str]:
-        """The test split first, then every out-of-distribution set, in test dataloader order."""
-        return ["test"] + sorted(s for s in self.summary.counts if s not in FIXED_SPLITS)
+        """The test split first, then every out-of-distribution set, in test dataloader order;
+        a set without images is left out (scoring it would report 0 accuracy)."""
+        counts = self.summary.counts
+        names = ["test"] + sorted(s for s in counts if s not in FIXED_SPLITS)
+        return [name for name in names if sum(counts[name].values())]
 
     @property
     def class_counts(self) -> torch.Tensor:
@@ -373,6 +390,12 @@ class PlanktonDataModule(L.LightningDataModule):
                 f"no training images left in {self.source} after skipping unreadable files, "
                 f"class_map and min_per_class={self.min_per_class}: check the data settings"
             )
+        if len(classes) == 1:
+            raise ValueError(
+                f"only one class ({classes[0]!r}) in {self.source}: classifiers and probes need "
+                "two or more. Give data.source the folder whose subfolders are the classes, or "
+                "check class_map and min_per_class"
+            )
         known = set(classes)
         chosen: dict[str, _Split] = {}
         unused: Counter = Counter()
@@ -435,6 +458,13 @@ class PlanktonDataModule(L.LightningDataModule):
             )
         for note in summary.warnings:
             warnings.warn(note, stacklevel=3)
+        evaluated = ["train", "val", *self.eval_set_names]
+        left_out = [name for name in summary.counts if name not in evaluated]
+        if left_out:
+            rank_zero_info(
+                f"left out of testing, having no images of the training classes: "
+                f"{', '.join(left_out)} (plankton data inspect gives every set's counts)"
+            )
 
     # -- datasets and loaders ----------------------------------------------------------------
     def dataset(
@@ -445,7 +475,10 @@ class PlanktonDataModule(L.LightningDataModule):
         ``resident_fraction`` of its memory (see the class docstring)."""
         splits = self._splits_or_build()
         if split not in splits:
-            raise KeyError(f"no split {split!r}; available: {sorted(splits)}")
+            raise ValueError(
+                f"no split {split!r} in {self.source}: choose among "
+                + ", ".join(sorted(splits, key=_split_order))
+            )
         part = splits[split]
         index = {c: i for i, c in enumerate(self.class_names)}
         rows = np.asarray(part.rows, dtype=np.int64)

@@ -126,7 +126,7 @@ def _read(path):
 def _independently_preprocessed(sample, tmp_path):
     """The sample through the datamodule's scan and image cache, as a training set would be."""
     records = scan_class_folders(sample).records
-    cached = load_or_build(records, Preprocessing(16, 1), tmp_path / "cache", "s", progress=False)
+    cached = load_or_build(records, Preprocessing(16, 1, polarity="auto"), tmp_path / "cache", "s", progress=False)
     names = [r.path.relative_to(sample).as_posix() for r in records]
     readable = [name for name, ok in zip(names, cached.readable, strict=True) if ok]
     images = eval_view(16, 1)(torch.from_numpy(np.array(cached.images[cached.readable])))
@@ -184,7 +184,7 @@ def test_a_probe_checkpoint_reloads_with_the_test_time_predictions(
 
     module, settings = load_classifier(checkpoint)
     assert isinstance(module, ProbeModule) and not module.training
-    assert settings == ClassifierSettings("probe", 16, 1, "keep", 4.0)  # as the data were
+    assert settings == ClassifierSettings("probe", 16, 1, "auto", 4.0)  # as the data were
     assert module.best_index == probe.best_index and module.class_names == probe.class_names
 
     # The in-memory probe's best key on the test split, through its feature cache.

@@ -4,14 +4,19 @@ start by hand."""
 
 from __future__ import annotations
 
+import glob
+import shutil
 from pathlib import Path
 
 import yaml
 from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from datamodules import PlanktonDataModule
+from lightning_modules.common.module import load_checkpoint
 from lightning_modules.common.trainer import PlanktonTrainer
 
 # Settings every model of the suite receives from the data (and keeps in its checkpoint).
@@ -21,6 +26,11 @@ DATA_TO_MODEL = [
     ("channels", "in_chans"),
     ("image_size", "image_size"),
 ]
+# The checkpoint a probe's frozen features come from (a path or a glob pattern).
+FEATURE_CHECKPOINT = "model.init_args.features.init_args.checkpoint"
+# What a run folder holds before its first result: the saved config, the hyperparameters and the
+# TensorBoard event files (without a logged value; see ``_logs_values``).
+BOOKKEEPING = ("config.yaml", "hparams.yaml")
 
 
 class PlanktonCLI(LightningCLI):
@@ -45,9 +55,41 @@ class PlanktonCLI(LightningCLI):
                 f"data.{data_setting}", f"model.init_args.{model_setting}", apply_on="instantiate"
             )
 
+    def _parse_ckpt_path(self) -> None:
+        """Read ``--ckpt_path`` with ``load_checkpoint`` before Lightning reads it: random bytes
+        or a pickle that would run code are then refused with the file's path named, instead of
+        an unpickler's message. A path that is no file is left to Lightning (``last``, ``best``,
+        a URL; a missing file's error names it)."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and Path(path).is_file():
+            load_checkpoint(path)
+        super()._parse_ckpt_path()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run ``subcommand``; when it fails, remove the run folder (``version_N``) it created
+        and left without a result, so that a mistake leaves no empty run behind. A folder that
+        existed before the command, or holds anything beyond ``BOOKKEEPING`` and event files
+        without a logged value (a checkpoint, a metric, a report), is kept."""
+        logger = self.trainer.logger
+        versioned = isinstance(logger, TensorBoardLogger | CSVLogger)
+        existing = _entries(Path(logger.root_dir)) if versioned else set()
+        try:
+            super()._run_subcommand(subcommand)
+        except Exception:
+            if versioned and self.trainer.is_global_zero:
+                _remove_empty_run(Path(logger.log_dir).resolve(), existing)
+            raise
+
     def before_instantiate_classes(self) -> None:
-        """Name the default TensorBoard run after the model, under ``default_root_dir``."""
+        """Name the default TensorBoard run after the model, under ``default_root_dir``; find a
+        probe's feature checkpoint (``resolve_feature_checkpoint``)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        pattern = config.get(FEATURE_CHECKPOINT)
+        if pattern:
+            config[FEATURE_CHECKPOINT] = resolve_feature_checkpoint(
+                pattern, config.trainer.default_root_dir
+            )
         if config.trainer.logger in (None, True):
             model_name = config.model.class_path.rsplit(".", 1)[-1].removesuffix("Module").lower()
             config.trainer.logger = Namespace(
@@ -56,6 +98,66 @@ class PlanktonCLI(LightningCLI):
                     save_dir=config.trainer.default_root_dir or ".", name=model_name
                 ),
             )
+
+
+def resolve_feature_checkpoint(pattern: str, root: str | None) -> str:
+    """The feature checkpoint (path or glob pattern) to read. The probe configs' default,
+    ``runs/diffusion/version_*/checkpoints/last.ckpt``, is written for the run root ``runs``
+    seen from the current folder; it must also find the pretraining run of another
+    ``--trainer.default_root_dir``.
+
+    The rule: ``pattern`` itself when it matches from the current folder. Otherwise, when it is
+    relative and ``root`` (``trainer.default_root_dir``) is set, ``root/pattern``, then
+    ``root/pattern`` without its first folder (the configs' ``runs/``); the first that matches.
+
+    Raises:
+        FileNotFoundError: nothing matches, naming the option and every place searched.
+    """
+    candidates = [pattern]
+    parts = Path(pattern).parts
+    if root and not Path(pattern).is_absolute():
+        candidates.append(str(Path(root, pattern)))
+        if len(parts) > 1:
+            candidates.append(str(Path(root, *parts[1:])))
+    candidates = list(dict.fromkeys(candidates))  # the configs' root is ``runs`` already
+    for candidate in candidates:
+        if glob.glob(candidate):
+            return candidate
+    raise FileNotFoundError(
+        f"{FEATURE_CHECKPOINT}: no checkpoint matches {' nor '.join(candidates)}: train the "
+        "feature model first with the same --trainer.default_root_dir (plankton fit --config "
+        "configs/diffusion.yaml), or give the checkpoint's path"
+    )
+
+
+def _entries(folder: Path) -> set[Path]:
+    """``folder`` and what it holds, resolved: what existed before a run."""
+    folder = folder.resolve()
+    return {folder, *folder.iterdir()} if folder.is_dir() else set()
+
+
+def _remove_empty_run(folder: Path, existing: set[Path]) -> None:
+    """Delete the run ``folder`` if it is not in ``existing`` and holds no result; then its
+    parent (the model's folder of runs) if this run created it and it is empty."""
+    if folder in existing or not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        events = entry.name.startswith("events.out.tfevents.") and entry.is_file()
+        if not (entry.name in BOOKKEEPING or (events and not _logs_values(entry))):
+            return
+    shutil.rmtree(folder)
+    if folder.parent not in existing and not any(folder.parent.iterdir()):
+        folder.parent.rmdir()
+
+
+def _logs_values(events: Path) -> bool:
+    """Whether a TensorBoard event file holds a logged value (a scalar, an image...), beyond
+    its header and the hyperparameters logged when a run starts."""
+    return any(
+        value.metadata.plugin_data.plugin_name != "hparams"
+        for event in EventFileLoader(str(events)).Load()
+        for value in event.summary.value
+    )
 
 
 def model_settings_from_config(path: str | Path) -> dict:

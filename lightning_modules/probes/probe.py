@@ -16,6 +16,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
@@ -300,9 +301,27 @@ class ProbeModule(PlanktonModule):
         """The validation scores of the last epoch; they travel in the checkpoint."""
         return GridScores(self.val_acc, self.val_macro_f1)
 
+    def on_train_end(self) -> None:
+        """Fit the fusion head, then write it into every checkpoint callback's last checkpoint.
+
+        The callbacks saved ``last.ckpt`` before this hook (at the end of the last epoch), so
+        without the re-save a test of it would score a fusion head of zeros. Here rather than in
+        ``on_fit_end``: the strategy is still set up (the training device, and the process group
+        the collective ``save_checkpoint`` needs under DDP). Not earlier: the fusion picks its
+        keys by the last validation, and fitting it every epoch would cost a full pass over the
+        training features each time.
+        """
+        if not len(self.fusion_keys):
+            return
+        self._fit_fusion()
+        for callback in self.trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.last_model_path:
+                # Every rank takes part; rank 0 writes.
+                self.trainer.save_checkpoint(
+                    callback.last_model_path, weights_only=callback.save_weights_only
+                )
+
     def on_fit_end(self) -> None:
-        if len(self.fusion_keys):
-            self._fit_fusion()
         folder = self.output_dir()  # on every rank: finding the log folder is collective
         self._write_results(folder, {"val": self.validation_scores()})
         rank_zero_only(write_heatmaps)(self, folder)
