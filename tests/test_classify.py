@@ -126,7 +126,9 @@ def _read(path):
 def _independently_preprocessed(sample, tmp_path):
     """The sample through the datamodule's scan and image cache, as a training set would be."""
     records = scan_class_folders(sample).records
-    cached = load_or_build(records, Preprocessing(16, 1, polarity="auto"), tmp_path / "cache", "s", progress=False)
+    cached = load_or_build(
+        records, Preprocessing(16, 1, polarity="auto"), tmp_path / "cache", "s", progress=False
+    )
     names = [r.path.relative_to(sample).as_posix() for r in records]
     readable = [name for name, ok in zip(names, cached.readable, strict=True) if ok]
     images = eval_view(16, 1)(torch.from_numpy(np.array(cached.images[cached.readable])))
