@@ -236,3 +236,39 @@ def test_online_classifier_has_its_own_learning_rate_and_no_weight_decay(datamod
     # Both scaled by the global batch (16 / 256) and by the same schedule.
     assert classifier["initial_lr"] == pytest.approx(0.004 * 16 / 256)
     assert backbone["initial_lr"] == pytest.approx(0.001 * 16 / 256)
+
+
+class _ConstantEncoder(torch.nn.Module):
+    """Every image to the same embedding: the collapse the monitor must flag."""
+
+    num_features = 32
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = torch.nn.Parameter(torch.randn(self.num_features))
+
+    def forward(self, images):
+        return self.embedding.expand(len(images), -1)
+
+
+def _fit_steps(module, data, root, steps=3):
+    _trainer(root, max_steps=steps, max_epochs=-1, limit_val_batches=0).fit(module, data)
+    return module.collapse_report()
+
+
+def test_the_collapse_monitor_flags_a_constant_encoder(datamodule, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    monkeypatch.setattr(SimCLRModule, "build_backbone", lambda self: _ConstantEncoder())
+    module = _module(SimCLRModule, datamodule)
+    with pytest.warns(UserWarning, match="SimCLRModule looks collapsed.*embedding_std_ratio"):
+        report = _fit_steps(module, datamodule, tmp_path)
+    assert report["signals"]["embedding_std_ratio"] < 1e-3
+    assert report["collapsed"] and "embedding_std_ratio" in report["collapsed"][0]
+
+
+def test_the_collapse_monitor_passes_a_healthy_encoder_and_reads_dino_teacher(datamodule, tmp_path):
+    torch.manual_seed(0)
+    report = _fit_steps(_module(SimCLRModule, datamodule), datamodule, tmp_path)
+    assert report["collapsed"] == [] and report["signals"]["embedding_std_ratio"] > 0.1
+    dino = _fit_steps(_module(DINOModule, datamodule, output_dim=256), datamodule, tmp_path, 2)
+    assert 0 < dino["signals"]["teacher_entropy_ratio"] <= 1

@@ -81,6 +81,8 @@ def test_smoke_experiment_killed_mid_stage_resumes_and_reports_every_method(tmp_
     assert "| diffusion | " in report and "| DINO | " in report and "| MAE | " in report
     assert "| dino | " in report  # compute
     assert list((out / "runs" / "simclr").glob("events.out.tfevents.*"))
+    collapse = json.loads((out / "runs" / "dino" / "compute.json").read_text())["collapse"]
+    assert set(collapse["signals"]) == {"embedding_std_ratio", "teacher_entropy_ratio"}
 
     # New images classified with the best diffusion probe and with the supervised model.
     sample = tmp_path / "sample"

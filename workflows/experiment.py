@@ -318,6 +318,8 @@ class ExperimentRunner:
                 "precision": str(trainer.precision),
                 "devices": trainer.world_size,
                 "accelerator": type(trainer.accelerator).__name__.removesuffix("Accelerator"),
+                # Self-supervised methods: the last epoch's collapse signals.
+                "collapse": getattr(cli.model, "collapse_report", lambda: None)(),
             },
         )
         return cli, checkpoint

@@ -248,6 +248,21 @@ def _settings(experiment: dict) -> list[str]:
     ]
 
 
+def collapse_warnings(run_dir: Path) -> list[str]:
+    """One line per run whose encoder looked collapsed after its last epoch."""
+    lines = []
+    for path in sorted((run_dir / "runs").glob("*/compute.json")):
+        run = _read_json(path)
+        collapsed = (run.get("collapse") or {}).get("collapsed")
+        if collapsed:
+            lines.append(
+                f"- **Warning: `{run['method']}` looks collapsed** after its last epoch "
+                f"({'; '.join(collapsed)}): its probe rows measure an encoder that maps images "
+                "to nearly the same features."
+            )
+    return lines
+
+
 def _compute_table(run_dir: Path) -> list[str]:
     lines = [
         "| run | regime | epochs | images seen | global batch | wall time (s) | trainable "
@@ -308,6 +323,9 @@ def build_report(run_dir: str | Path) -> Path:
         "",
         *_main_tables(records),
     ]
+    warnings = collapse_warnings(run_dir)
+    if warnings:
+        lines += [*warnings, ""]
     missing = missing_runs(run_dir)
     if missing:
         lines += [f"Not in the tables (not evaluated yet): {', '.join(missing)}.", ""]

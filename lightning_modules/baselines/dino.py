@@ -13,6 +13,7 @@ from torch import nn
 
 from datamodules.views import Recipe, View, Views, blur_sigmas, colour_recipe
 
+from .collapse import entropy_ratio
 from .self_supervised import SelfSupervisedModule
 
 
@@ -48,6 +49,8 @@ class DINOModule(SelfSupervisedModule):
         **shared: the settings of ``SelfSupervisedModule`` (``num_classes``, ``backbone``,
             ``lr``...).
     """
+
+    collapse_signals = ("embedding_std_ratio", "teacher_entropy_ratio")
 
     def __init__(
         self,
@@ -108,9 +111,19 @@ class DINOModule(SelfSupervisedModule):
             features += [self.backbone(v.float()) for v in views[2:]]
             with torch.no_grad():
                 teacher = [self.teacher_head(f.float()) for f in teacher_features]
+                self.collapse.update("teacher_entropy_ratio", self.teacher_entropy(teacher))
             student = [self.student_head(f.float()) for f in features]
             loss = self.criterion(teacher, student, epoch=self.current_epoch)
         return loss, features[0]
+
+    def teacher_entropy(self, teacher: list[torch.Tensor]) -> torch.Tensor:
+        """The entropy ratio of the teacher's distributions as the loss sees them (centred, at
+        this epoch's temperature), before the loss moves the centre."""
+        criterion, epoch = self.criterion, self.current_epoch
+        warming = epoch < criterion.warmup_teacher_temp_epochs
+        temperature = criterion.teacher_temp_schedule[epoch] if warming else criterion.teacher_temp
+        centred = (torch.stack(teacher) - criterion.center) / temperature
+        return entropy_ratio(centred.softmax(dim=-1))
 
     def on_after_backward(self) -> None:
         self.student_head.cancel_last_layer_gradients(current_epoch=self.current_epoch)

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..common.classification_metrics import EvalSetClassifier
 from ..common.schedules import scaled_lr, warmup_cosine
 from .backbones import create_backbone
+from .collapse import CollapseMonitor, embedding_std_ratio
 from .knn import KNNAccuracy
 
 
@@ -34,6 +36,9 @@ class SelfSupervisedModule(EvalSetClassifier):
         **data: the data's settings (``PlanktonModule``).
     """
 
+    # The collapse signals this method updates (``lightning_modules/baselines/collapse.py``).
+    collapse_signals: tuple[str, ...] = ("embedding_std_ratio",)
+
     def __init__(
         self,
         backbone: str = "resnet18",
@@ -51,6 +56,7 @@ class SelfSupervisedModule(EvalSetClassifier):
         self.online_classifier = nn.Linear(self.backbone.num_features, num_classes)
         self.online_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.knn = KNNAccuracy(num_classes, k=knn_k)
+        self.collapse = CollapseMonitor(self.collapse_signals)
 
     def build_backbone(self) -> nn.Module:
         """The encoder trained without labels: images to pooled features ``(B, num_features)``,
@@ -76,6 +82,7 @@ class SelfSupervisedModule(EvalSetClassifier):
         # Detached: the online classifier measures the features, it must not shape them.
         online_loss = F.cross_entropy(self.online_classifier(features.detach()), labels)
         self.knn.update(train_features=features, train_labels=labels)
+        self.collapse.update("embedding_std_ratio", embedding_std_ratio(features))
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/online_loss", online_loss)
         return loss + online_loss
@@ -95,6 +102,23 @@ class SelfSupervisedModule(EvalSetClassifier):
 
     def on_train_epoch_start(self) -> None:
         self.knn.reset()  # the bank holds this epoch's features only
+
+    def on_train_epoch_end(self) -> None:
+        for name, value in self.collapse.end_epoch().items():
+            self.log(f"train/{name}", value)
+
+    def on_train_end(self) -> None:
+        collapsed = self.collapse.collapsed()
+        if collapsed:
+            rank_zero_warn(
+                f"{type(self).__name__} looks collapsed after its last epoch: "
+                f"{'; '.join(collapsed)}. Its features carry little information about the "
+                "images: train longer, or see the README (baselines) for the small-image recipe"
+            )
+
+    def collapse_report(self) -> dict:
+        """The last epoch's collapse signals and those that say collapsed (for the report)."""
+        return {"signals": dict(self.collapse.last), "collapsed": self.collapse.collapsed()}
 
     def configure_optimizers(self) -> dict:
         classifier = set(self.online_classifier.parameters())
