@@ -29,7 +29,6 @@ from harness import (
     CONFIGS,
     SIZES,
     argument_parser,
-    flop_counter_mode,
     mfu,
     peak_flops,
     print_figures,
@@ -38,6 +37,7 @@ from harness import (
 from torch import nn
 
 from lightning_modules import DiffusionModule
+from lightning_modules.common.flops import flop_counter_mode
 from workflows.lightning_cli import DATA_TO_MODEL, model_settings_from_config
 
 PRECISIONS = ("32-true", "bf16-mixed")

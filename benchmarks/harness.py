@@ -10,7 +10,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch.utils import flop_counter
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SIZES = ("demo", "paper")
@@ -74,29 +73,6 @@ def size_overrides(method: str, size: str) -> dict[str, object]:
     run = experiment.diffusion if method == "diffusion" else experiment.baselines.get(method)
     overrides = run.overrides if run is not None else {}  # a method the paper does not run
     return {"data.image_size": experiment.data_overrides["image_size"], **overrides}
-
-
-def _cpu_attention(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return flop_counter.sdpa_flop_count(query, key, value)
-
-
-def _cpu_attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
-
-
-def flop_counter_mode() -> flop_counter.FlopCounterMode:
-    """A quiet FlopCounterMode (matrix products, convolutions and attention; elementwise work and
-    normalisation count zero, as in every MFU figure). PyTorch registers formulas only for the
-    GPU attention kernels; the CPU flash kernel gets the same ones, so a model's FLOPs do not
-    depend on where they were counted."""
-    aten = torch.ops.aten
-    return flop_counter.FlopCounterMode(
-        display=False,
-        custom_mapping={
-            aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention,
-            aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward,
-        },
-    )
 
 
 def peak_flops(device: torch.device | str, precision: str) -> tuple[str, float] | None:

@@ -23,16 +23,15 @@ from harness import (
     CONFIGS,
     SIZES,
     argument_parser,
-    flop_counter_mode,
     mfu,
     peak_flops,
     print_figures,
     size_overrides,
     work_dir,
 )
-from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_modules import BASELINES
+from lightning_modules.common.flops import StepFlops
 from workflows.experiment import cli_arguments
 from workflows.lightning_cli import PlanktonCLI
 
@@ -62,33 +61,6 @@ class StepClock(L.Callback):
         if self.started is not None:
             self.images += len(batch[1])
             self.seconds = time.perf_counter() - self.started
-
-
-class StepFlops(L.Callback):
-    """FLOPs per image of the first training step: forward (every view, the teacher's too),
-    backward and the optimiser step. Counting slows that step down, so it must be a warm-up step
-    the clock leaves out."""
-
-    def __init__(self) -> None:
-        self.counter: FlopCounterMode | None = None
-        self.per_image = 0.0
-
-    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.global_step == 0 and self.counter is None:
-            self.counter = flop_counter_mode()
-            self.counter.__enter__()
-
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        module: L.LightningModule,
-        outputs: object,
-        batch: tuple,
-        *args: object,
-    ) -> None:
-        if self.counter is not None and not self.per_image:
-            self.counter.__exit__(None, None, None)
-            self.per_image = self.counter.get_total_flops() / len(batch[1])
 
 
 @dataclass

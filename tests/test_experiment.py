@@ -81,6 +81,9 @@ def test_smoke_experiment_killed_mid_stage_resumes_and_reports_every_method(tmp_
     assert "| diffusion | " in report and "| DINO | " in report and "| MAE | " in report
     assert "| dino | " in report  # compute
     assert list((out / "runs" / "simclr").glob("events.out.tfevents.*"))
+    for compute in (out / "runs").glob("*/compute.json"):  # every run's training FLOPs
+        assert json.loads(compute.read_text())["train_flops_per_image"] > 0, compute
+    assert "training GFLOP per image" in report
     collapse = json.loads((out / "runs" / "dino" / "compute.json").read_text())["collapse"]
     assert set(collapse["signals"]) == {"embedding_std_ratio", "teacher_entropy_ratio"}
 
@@ -150,3 +153,26 @@ def test_an_experiment_runs_any_subset_of_the_registered_baselines(tmp_path, cap
     unknown.write_text(subset.read_text().replace("  mae:", "  byol:"))
     assert main(["experiment", "--config", str(unknown)]) == 2
     assert "baselines ['byol'] are not registered; choose among" in capsys.readouterr().err
+
+
+def test_one_budget_for_every_pretraining_run(tmp_path, capsys):
+    import lightning as L
+    from lightning.pytorch.callbacks import Timer
+
+    from workflows.experiment import Budget
+
+    for setting, check in [
+        ({"epochs": 3}, lambda t: t.max_epochs == 3),
+        ({"images": 100}, lambda t: t.max_epochs == -1 and t.max_steps == 7),  # batch 16
+        ({"minutes": 2}, lambda t: any(isinstance(c, Timer) for c in t.callbacks)),
+    ]:
+        trainer = L.Trainer(max_epochs=9, logger=False, enable_checkpointing=False)
+        Budget.from_setting(setting, "budget").apply(trainer, global_batch=16)
+        assert check(trainer), setting
+    for bad, message in [
+        ({"epoch": 3}, "did you mean 'epochs'"),
+        ({"epochs": 3, "images": 9}, "exactly one of epochs, images, minutes"),
+        ({"images": -1}, "budget.images must be a positive number"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            Budget.from_setting(bad, "budget")

@@ -17,21 +17,25 @@ from __future__ import annotations
 import difflib
 import inspect
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 import yaml
+from lightning.pytorch.callbacks import Timer
 
 from datamodules import PlanktonDataModule
 from datamodules.store import write_text_atomic
 from lightning_modules import BASELINES, METHODS, load_diffusion
 from lightning_modules.common.figures import save_grid
+from lightning_modules.common.flops import StepFlops
 
 from .clustering import cluster_features
 from .lightning_cli import PlanktonCLI, datamodule_from_config
@@ -40,8 +44,9 @@ STAGES = ("data", "diffusion", "baselines", "probes", "clustering", "report")
 # The keys an experiment config may hold, section by section.
 TOP_KEYS = (
     "name", "data", "data_overrides", "regimes", "pretrain_regime", "trainer_overrides",
-    "diffusion", "baselines", "probes", "clustering", "samples",
+    "diffusion", "baselines", "probes", "clustering", "samples", "budget",
 )  # fmt: skip
+BUDGET_KINDS = ("epochs", "images", "minutes")
 METHOD_KEYS = ("config", "max_epochs", "overrides")
 PROBE_KEYS = ("diffusion", "encoder")
 CLUSTERING_KEYS = ("split",)
@@ -71,6 +76,40 @@ class MethodRun:
     overrides: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Budget:
+    """One training budget for every pretraining run (diffusion and the baselines), so their
+    rows compare equal effort: ``epochs`` (passes over the training set), ``images`` (training
+    images seen, whatever the batch size) or ``minutes`` of wall-clock time."""
+
+    kind: str
+    amount: float
+
+    @classmethod
+    def from_setting(cls, setting: object, where: str) -> Budget | None:
+        if setting is None:
+            return None
+        check_keys(setting, BUDGET_KINDS, where)
+        if len(setting) != 1:
+            raise ValueError(f"{where} needs exactly one of {', '.join(BUDGET_KINDS)}")
+        [(kind, amount)] = setting.items()
+        if not isinstance(amount, int | float) or amount <= 0:
+            raise ValueError(f"{where}.{kind} must be a positive number, got {amount!r}")
+        return cls(kind, amount)
+
+    def apply(self, trainer: L.Trainer, global_batch: int) -> None:
+        """Set ``trainer``'s stopping point (before ``fit``; learning-rate schedules read it).
+        A ``minutes`` budget keeps the method's ``max_epochs`` as the schedules' horizon: a run
+        stopped by time has not finished annealing."""
+        if self.kind == "epochs":
+            trainer.fit_loop.max_epochs = int(self.amount)
+        elif self.kind == "images":
+            trainer.fit_loop.max_epochs = -1
+            trainer.fit_loop.epoch_loop.max_steps = math.ceil(self.amount / global_batch)
+        else:  # Lightning's Timer keeps its elapsed time in checkpoints: resumes count
+            trainer.callbacks.append(Timer(timedelta(minutes=self.amount), interval="step"))
+
+
 @dataclass
 class Experiment:
     """An experiment config (``configs/experiments/*.yaml``) with its paths resolved."""
@@ -88,6 +127,7 @@ class Experiment:
     clustering_split: str
     samples: int
     source: dict
+    budget: Budget | None = None
 
     @classmethod
     def from_file(cls, path: str | Path) -> Experiment:
@@ -151,6 +191,7 @@ class Experiment:
             clustering_split=(settings.get("clustering") or {}).get("split", "test"),
             samples=int(settings.get("samples", 16)),
             source=settings,
+            budget=Budget.from_setting(settings.get("budget"), f"{path}: budget"),
         )
 
 
@@ -284,21 +325,35 @@ class ExperimentRunner:
         return PlanktonCLI(arguments, run=False)
 
     def fit(
-        self, name: str, method: MethodRun, regime: str, extra: dict | None = None
+        self,
+        name: str,
+        method: MethodRun,
+        regime: str,
+        extra: dict | None = None,
+        pretraining: bool = False,
     ) -> tuple[object, Path]:
         """Train one run into ``runs/<name>`` (resuming from its ``last.ckpt``) unless done;
-        returns the CLI (None when done earlier) and the final checkpoint."""
+        returns the CLI (None when done earlier) and the final checkpoint. A pretraining run
+        (diffusion, a baseline) trains to the experiment's ``budget`` when it sets one."""
         folder = self.out / "runs" / name
         checkpoint = self.checkpoint(name)
         if (folder / "done.json").exists():
             return None, checkpoint
         cli = self._cli(method, regime, folder, extra)
+        trainer, datamodule = cli.trainer, cli.datamodule
+        global_batch = datamodule.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+        budget = self.experiment.budget if pretraining else None
+        if budget is not None:
+            budget.apply(trainer, global_batch)
         resume = checkpoint if checkpoint.exists() else None
         self.log(f"  {name}: " + (f"resuming from {resume}" if resume else "training"))
-        clock = WallClock(folder / "wall_time.json")
-        cli.trainer.callbacks.append(clock)
-        cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=resume)
-        trainer, datamodule = cli.trainer, cli.datamodule
+        clock, flops = WallClock(folder / "wall_time.json"), StepFlops()
+        trainer.callbacks += [clock, flops]
+        trainer.fit(cli.model, datamodule, ckpt_path=resume)
+        if budget is not None and budget.kind == "images":  # stopped inside an epoch
+            images_seen = trainer.global_step * global_batch
+        else:
+            images_seen = trainer.current_epoch * len(datamodule.dataset("train"))
         write_json(
             folder / "compute.json",
             {
@@ -307,8 +362,12 @@ class ExperimentRunner:
                 "regime": regime,
                 "epochs": trainer.current_epoch,
                 "steps": trainer.global_step,
-                "images_seen": trainer.current_epoch * len(datamodule.dataset("train")),
+                "images_seen": images_seen,
                 "batch_size": datamodule.batch_size * trainer.world_size,
+                "budget": {budget.kind: budget.amount} if budget else None,
+                # One step of this attempt, counted; a resumed run's earlier steps cost the same.
+                "train_flops_per_image": flops.per_image,
+                "train_flops": flops.per_image * images_seen,
                 "wall_s": clock.total(),
                 "resumed": resume is not None,
                 "trainable_parameters": sum(
@@ -340,7 +399,9 @@ class ExperimentRunner:
 
     def stage_diffusion(self) -> None:
         experiment = self.experiment
-        _, checkpoint = self.fit("diffusion", experiment.diffusion, experiment.pretrain_regime)
+        _, checkpoint = self.fit(
+            "diffusion", experiment.diffusion, experiment.pretrain_regime, pretraining=True
+        )
         self._samples_next_to_real(checkpoint)
         self.finish("diffusion")
 
@@ -362,7 +423,7 @@ class ExperimentRunner:
             method = METHODS[name]
             for regime in self.regimes(name):
                 run = self.encoder_run(name, regime)
-                cli, _ = self.fit(run, method_run, regime)
+                cli, _ = self.fit(run, method_run, regime, pretraining=True)
                 if cli is None:
                     continue
                 if method.per_regime:  # a classifier itself: tested end to end

@@ -265,26 +265,37 @@ def collapse_warnings(run_dir: Path) -> list[str]:
 
 def _compute_table(run_dir: Path) -> list[str]:
     lines = [
-        "| run | regime | epochs | images seen | global batch | wall time (s) | trainable "
-        "parameters | all parameters | precision | device |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| run | regime | epochs | images seen | global batch | training GFLOP per image | "
+        "training TFLOP | wall time (s) | trainable parameters | all parameters | precision | "
+        "device |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    budgets = set()
     for path in sorted((run_dir / "runs").glob("*/compute.json")):
         c = _read_json(path)
         resumed = " (resumed)" if c["resumed"] else ""
+        per_image = c.get("train_flops_per_image")  # absent in runs of earlier versions
+        flops = f"{per_image / 1e9:.3g} | {c['train_flops'] / 1e12:.3g}" if per_image else " | "
+        if c.get("budget"):
+            budgets.add(", ".join(f"{k} {v:g}" for k, v in c["budget"].items()))
         lines.append(
             f"| {c['method']} | {c['regime']} | {c['epochs']} | {c['images_seen']:,} | "
-            f"{c['batch_size']} | {c['wall_s']:.0f}{resumed} | {c['trainable_parameters']:,} | "
-            f"{c['parameters']:,} | {c['precision']} | "
+            f"{c['batch_size']} | {flops} | {c['wall_s']:.0f}{resumed} | "
+            f"{c['trainable_parameters']:,} | {c['parameters']:,} | {c['precision']} | "
             f"{c['devices']} x {c['accelerator']} |"
         )
-    return lines + [
+    notes = [
         "",
         "Images seen count each training image once per epoch, however many augmented views a "
-        "method makes of it. Probe runs train only their linear heads on frozen features. A "
-        "resumed run's wall time includes its interrupted attempts up to their last epoch.",
-        "",
+        "method makes of it. Training FLOPs per image are counted by PyTorch's FlopCounterMode "
+        "on one training step (every view, a teacher's forward, the backward pass; matrix "
+        "products, convolutions and attention), times the images seen. Probe runs train only "
+        "their linear heads on frozen features (extraction is not counted). A resumed run's "
+        "wall time includes its interrupted attempts up to their last epoch.",
     ]
+    if budgets:
+        notes.append(f"Every pretraining run had the same budget: {'; '.join(sorted(budgets))}.")
+    return lines + notes + [""]
 
 
 def build_report(run_dir: str | Path) -> Path:
