@@ -102,6 +102,11 @@ def file_checksum(path: Path) -> str:
         return hashlib.file_digest(handle, "blake2b").hexdigest()
 
 
+def _verified_token(path: Path, stat: os.stat_result, checksum: str) -> tuple:
+    """What identifies an array file whose checksum was verified: a rewrite changes it."""
+    return (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, checksum)
+
+
 def release_leases() -> None:
     """Remove the leases this process took (run at exit; a killed process leaves them, and
     cleaning recognises them as stale)."""
@@ -134,6 +139,11 @@ class ArrayStore:
 
     def index_path(self, key: str) -> Path:
         return self.folder / f"{key}.json"
+
+    def is_current(self, index: dict) -> bool:
+        """Whether an index is of this store's version. One without a checksum comes from
+        before checksums: stale, like another version."""
+        return index.get("version") == self.version and "checksum" in index
 
     def lease(self, key: str) -> None:
         """Mark ``key`` as used by this process until it exits, so cleaning keeps it.
@@ -171,12 +181,9 @@ class ArrayStore:
             stat = array_path.stat()
         except (OSError, ValueError):
             return None
-        # An index without a checksum comes from before checksums: stale, like another version.
-        if index.get("version") != self.version or "checksum" not in index:
+        if not self.is_current(index) or tuple(array.shape) != tuple(shape):
             return None
-        if tuple(array.shape) != tuple(shape):
-            return None
-        token = (str(array_path), stat.st_ino, stat.st_size, stat.st_mtime_ns, index["checksum"])
+        token = _verified_token(array_path, stat, index["checksum"])
         if token not in verified:
             if file_checksum(array_path) != index["checksum"]:
                 warnings.warn(f"{array_path}: checksum mismatch, rebuilding", stacklevel=3)
@@ -210,4 +217,4 @@ class ArrayStore:
             self.index_path(key),
             json.dumps({"version": self.version, **index, "checksum": checksum}),
         )
-        verified.add((str(array_path), stat.st_ino, stat.st_size, stat.st_mtime_ns, checksum))
+        verified.add(_verified_token(array_path, stat, checksum))

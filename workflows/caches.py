@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from datamodules.cache import CACHE_VERSION
-from datamodules.store import LEASE_MARK
+from datamodules.store import LEASE_MARK, ArrayStore
 from lightning_modules.probes.feature_cache import FEATURE_CACHE_VERSION
 
 DAY = 86400.0
@@ -63,7 +63,7 @@ class CacheEntry:
     """
 
     kind: str
-    folder: Path
+    store: ArrayStore
     key: str
     state: str
     description: str
@@ -77,10 +77,14 @@ def list_caches(cache_dir: str | Path) -> list[CacheEntry]:
     """Every entry of the image and feature caches under ``cache_dir``, store by store."""
     now = time.time()
     cache_dir = Path(cache_dir).expanduser()
-    stores = [("images", folder, CACHE_VERSION) for folder in _subfolders(cache_dir / "images")]
-    stores.append(("features", cache_dir / "features", FEATURE_CACHE_VERSION))
+    stores = [
+        ("images", ArrayStore(folder, CACHE_VERSION))
+        for folder in _subfolders(cache_dir / "images")
+    ]
+    stores.append(("features", ArrayStore(cache_dir / "features", FEATURE_CACHE_VERSION)))
     entries = []
-    for kind, folder, version in stores:
+    for kind, store in stores:
+        folder = store.folder
         if not folder.is_dir():
             continue
         keys: dict[str, list[Path]] = {}
@@ -89,12 +93,12 @@ def list_caches(cache_dir: str | Path) -> list[CacheEntry]:
             if key is not None and path.is_file():
                 keys.setdefault(key, []).append(path)
         for key, files in keys.items():
-            state, description = _describe(kind, folder, key, version)
+            state, description = _describe(kind, store, key)
             stats = [path.stat() for path in files if path.exists()]
             entries.append(
                 CacheEntry(
                     kind=kind,
-                    folder=folder,
+                    store=store,
                     key=key,
                     state=state,
                     description=description,
@@ -184,9 +188,9 @@ def _live_leases(folder: Path, key: str, now: float) -> list[str]:
     return sorted(live)
 
 
-def _describe(kind: str, folder: Path, key: str, version: int) -> tuple[str, str]:
+def _describe(kind: str, store: ArrayStore, key: str) -> tuple[str, str]:
     """``(state, what the entry caches)``, from its index."""
-    index_path, array_path = folder / f"{key}.json", folder / f"{key}.npy"
+    index_path, array_path = store.index_path(key), store.array_path(key)
     if not index_path.exists():
         if array_path.exists():
             return "incomplete", "array without index (an interrupted build)"
@@ -195,8 +199,11 @@ def _describe(kind: str, folder: Path, key: str, version: int) -> tuple[str, str
         index = json.loads(index_path.read_text())
     except (OSError, ValueError):
         return "incomplete", "unreadable index"
-    if index.get("version") != version or "checksum" not in index:
-        return "older version", f"cache version {index.get('version')}; this one reads {version}"
+    if not store.is_current(index):
+        return (
+            "older version",
+            f"cache version {index.get('version')}; this one reads {store.version}",
+        )
     if not array_path.exists():
         return "incomplete", "index without its array"
     if kind == "images":
@@ -209,7 +216,7 @@ def _describe(kind: str, folder: Path, key: str, version: int) -> tuple[str, str
 def _doomed(entry: CacheEntry, now: float, unused_for_days: float) -> list[tuple[Path, str]]:
     """The files of ``entry`` to remove, each with its reason: the index first."""
     leftovers = [item for path in entry.files if (item := _leftover(path, now)) is not None]
-    if _live_leases(entry.folder, entry.key, time.time()):
+    if _live_leases(entry.store.folder, entry.key, time.time()):
         return leftovers
     if entry.state == "complete":
         if now - entry.last_used < unused_for_days * DAY:
@@ -218,7 +225,7 @@ def _doomed(entry: CacheEntry, now: float, unused_for_days: float) -> list[tuple
         reason = f"not in use, last used {when}"
     else:
         reason = f"{entry.state}: {entry.description}"
-    index, array = entry.folder / f"{entry.key}.json", entry.folder / f"{entry.key}.npy"
+    index, array = entry.store.index_path(entry.key), entry.store.array_path(entry.key)
     doomed = [(path, reason) for path in (index, array) if path in entry.files]
     shard = "DDP shard of an interrupted feature extraction"
     doomed += [(path, shard) for path in entry.files if _SHARD.match(path.name)]
