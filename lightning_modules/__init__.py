@@ -15,7 +15,7 @@ from typing import Literal
 from .baselines import DINOModule, SimCLRModule, SupervisedModule
 from .common.module import PlanktonModule
 from .diffusion import DiffusionModule, NoiseSchedule, UNet, load_diffusion
-from .probes import DiffusionFeatures, EncoderFeatures, FeatureSource, ProbeModule
+from .probes import DiffusionFeatures, EncoderFeatures, FeatureSource, PixelFeatures, ProbeModule
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,7 @@ __all__ = [
     "METHODS",
     "Method",
     "NoiseSchedule",
+    "PixelFeatures",
     "PlanktonModule",
     "ProbeModule",
     "SimCLRModule",

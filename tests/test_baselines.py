@@ -13,6 +13,7 @@ from lightning_modules import (
     SimCLRModule,
     SupervisedModule,
 )
+from lightning_modules.baselines.backbones import create_backbone
 from lightning_modules.baselines.knn import KNNAccuracy
 
 SMALL = {"image_size": 16, "in_chans": 1}  # every other setting: the method's default
@@ -70,7 +71,12 @@ def test_every_registered_baseline_learns_a_fixed_batch(name, datamodule):
     """The loss, heads and optimiser of each method learn: on one batch seen again and again,
     in the same draw of the method's own views, its training loss falls within 30 steps."""
     torch.manual_seed(0)
-    module = _module(METHODS[name].module, datamodule, lr=0.02)
+    module = _module(METHODS[name].module, datamodule)
+    # SGD (SimCLR's and DINO's small-image recipe) needs a larger rate than AdamW to move in
+    # 30 steps of 16 images.
+    lr = 3.0 if module.hparams.get("optimizer") == "sgd" else 0.02
+    torch.manual_seed(0)
+    module = _module(METHODS[name].module, datamodule, lr=lr)
     view = module.train_view(16, 1)
 
     def same_draw(images):
@@ -226,16 +232,56 @@ def test_ddp_fit_on_two_processes_keeps_ranks_in_step(method, tmp_path):
         assert ranks[0]["mean_rank_loss"] == pytest.approx(ranks[0]["global_batch_loss"], abs=1e-5)
 
 
+def _optimizer(module, data, root):
+    trainer = _trainer(root, max_steps=1, max_epochs=-1, limit_val_batches=0)
+    trainer.fit(module, data)
+    return trainer.optimizers[0]
+
+
 def test_online_classifier_has_its_own_learning_rate_and_no_weight_decay(datamodule, tmp_path):
-    module = _module(SimCLRModule, datamodule, lr=0.001, online_lr=0.004)
-    trainer = _trainer(tmp_path, max_steps=1, max_epochs=-1, limit_val_batches=0)
-    trainer.fit(module, datamodule)
-    backbone, classifier = trainer.optimizers[0].param_groups
+    module = _module(
+        SimCLRModule, datamodule, optimizer="adamw", lr=0.001, online_lr=0.004, weight_decay=1e-4
+    )
+    optimizer = _optimizer(module, datamodule, tmp_path)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    backbone, classifier = optimizer.param_groups
     assert classifier["params"] == list(module.online_classifier.parameters())
     assert classifier["weight_decay"] == 0 and backbone["weight_decay"] == 1e-4
     # Both scaled by the global batch (16 / 256) and by the same schedule.
     assert classifier["initial_lr"] == pytest.approx(0.004 * 16 / 256)
     assert backbone["initial_lr"] == pytest.approx(0.001 * 16 / 256)
+
+
+@pytest.mark.parametrize("cls", [SimCLRModule, DINOModule])
+def test_simclr_and_dino_default_to_the_small_image_recipe(cls, datamodule, tmp_path):
+    """lightly's CIFAR-10 recipe: SGD with momentum 0.9 at 0.06 per 128 images, weight decay
+    5e-4, the online classifier at the backbone's rate, and the small-input stem."""
+    module = _module(cls, datamodule)
+    assert module.backbone.conv1.kernel_size == (3, 3)
+    optimizer = _optimizer(module, datamodule, tmp_path)
+    assert isinstance(optimizer, torch.optim.SGD)
+    backbone, classifier = optimizer.param_groups
+    assert backbone["momentum"] == 0.9 and backbone["weight_decay"] == 5e-4
+    assert backbone["initial_lr"] == pytest.approx(0.06 * 16 / 128)
+    assert classifier["initial_lr"] == backbone["initial_lr"] and classifier["weight_decay"] == 0
+
+
+def test_an_unknown_optimizer_is_refused_with_the_choices(datamodule):
+    with pytest.raises(ValueError, match="optimizer must be one of \\['adamw', 'sgd'\\]"):
+        _module(SimCLRModule, datamodule, optimizer="lars")
+
+
+def _view_count(module, size):
+    return len(module.train_view(size, 1)(torch.zeros(2, 1, size, size, dtype=torch.uint8)))
+
+
+def test_dino_takes_local_crops_only_above_32_px(datamodule):
+    """No local crops at 32 px and below (lightly's CIFAR-10 recipe); two above; any number
+    when asked."""
+    module = _module(DINOModule, datamodule, output_dim=256)
+    assert _view_count(module, 16) == _view_count(module, 32) == 2
+    assert _view_count(module, 64) == 4
+    assert _view_count(_module(DINOModule, datamodule, output_dim=256, n_local_views=3), 16) == 5
 
 
 class _ConstantEncoder(torch.nn.Module):
@@ -272,3 +318,34 @@ def test_the_collapse_monitor_passes_a_healthy_encoder_and_reads_dino_teacher(da
     assert report["collapsed"] == [] and report["signals"]["embedding_std_ratio"] > 0.1
     dino = _fit_steps(_module(DINOModule, datamodule, output_dim=256), datamodule, tmp_path, 2)
     assert 0 < dino["signals"]["teacher_entropy_ratio"] <= 1
+
+
+def _last_map_size(model, size):
+    return model.eval().forward_features(torch.zeros(1, 1, size, size)).shape[-1]
+
+
+def test_resnets_take_the_small_input_stem_at_64_px_and_below():
+    """At 32 px the ImageNet stem leaves a 1x1 map before the last stage; the small stem 4x4.
+    Above 64 px, on a request, and for other architectures, the ImageNet stem stays."""
+    small = create_backbone("resnet18", 1, image_size=32)
+    assert small.conv1.kernel_size == (3, 3) and small.conv1.stride == (1, 1)
+    assert _last_map_size(small, 32) == 4
+    assert (
+        _last_map_size(create_backbone("resnet18", 1, small_input_stem=False, image_size=32), 32)
+        == 1
+    )
+    assert create_backbone("resnet18", 1, image_size=128).conv1.kernel_size == (7, 7)
+    assert create_backbone("resnet18", 1, small_input_stem=True, image_size=128).conv1.stride == (
+        1,
+        1,
+    )
+    other = create_backbone("mobilenetv3_small_050", 1, image_size=32)  # no conv1: left as built
+    assert other.num_features > 0
+    with pytest.raises(ValueError, match="small_input_stem needs a ResNet-style backbone"):
+        create_backbone("mobilenetv3_small_050", 1, small_input_stem=True)
+
+
+def test_the_supervised_baseline_takes_the_stem_from_its_image_size(datamodule):
+    assert _module(SupervisedModule, datamodule).model.conv1.kernel_size == (3, 3)
+    large = SupervisedModule(num_classes=2, class_names=["a", "b"], image_size=96, in_chans=1)
+    assert large.model.conv1.kernel_size == (7, 7)

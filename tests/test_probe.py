@@ -9,7 +9,7 @@ from planted import CLASSES, PlantedFeatures, write_planted_images
 from sklearn.metrics import accuracy_score, f1_score
 
 from datamodules import PlanktonDataModule
-from lightning_modules import ProbeModule
+from lightning_modules import PixelFeatures, ProbeModule
 from lightning_modules.probes.feature_cache import load_or_extract
 from lightning_modules.probes.grid_metrics import GridConfusion, grid_scores
 
@@ -30,14 +30,15 @@ def _data(root, tmp_path):
     )
 
 
-def _fit(root, tmp_path, epochs=15, test=True, **settings):
+def _fit(root, tmp_path, epochs=15, test=True, features=None, **settings):
     torch.manual_seed(0)
     data = _data(root, tmp_path)
     settings.setdefault("lr", 0.05)
     probe = ProbeModule(
-        PlantedFeatures(),
+        features or PlantedFeatures(),
         num_classes=CLASSES,
         class_names=data.class_names,
+        image_size=8,
         cache_dir=str(tmp_path / "cache"),
         **settings,
     )
@@ -100,6 +101,19 @@ def test_lbfgs_converges_and_reports_it(planted_root, tmp_path):
     assert bool(probe.converged[0])
     rows = [r for r in _rows(tmp_path) if r["layer"] == "pixels"]
     assert rows[0]["converged"] == "True"
+
+
+def test_raw_pixels_are_a_feature_source_probed_by_logistic_regression(planted_root, tmp_path):
+    """``PixelFeatures`` hands the probe the images themselves: on the planted data (class c
+    lights pixel c) logistic regression on them is exact."""
+    probe, trainer = _fit(
+        planted_root, tmp_path, epochs=2, features=PixelFeatures(), solver="lbfgs"
+    )
+    assert probe.keys == [("pixels", None)] and probe.weight.shape[1] == 64
+    assert probe.val_acc[0] == pytest.approx(1.0)
+    assert trainer.callback_metrics["test/best_acc"] == pytest.approx(1.0)
+    images = torch.rand(3, 1, 8, 8)
+    assert torch.equal(probe.features(images, [0, 1, 2])[("pixels", None)], images.flatten(1))
 
 
 def test_feature_cache_is_reused_invalidated_and_atomic(planted_root, tmp_path):

@@ -31,6 +31,7 @@ from lightning_modules import (
     METHODS,
     DiffusionFeatures,
     EncoderFeatures,
+    PixelFeatures,
     PlanktonModule,
     ProbeModule,
     method_of,
@@ -39,7 +40,8 @@ from lightning_modules.common.module import load_checkpoint
 
 # The only classes a probe checkpoint may name as its feature source: a file never chooses code.
 FEATURE_SOURCES = {
-    f"lightning_modules.{cls.__name__}": cls for cls in (DiffusionFeatures, EncoderFeatures)
+    f"lightning_modules.{cls.__name__}": cls
+    for cls in (DiffusionFeatures, EncoderFeatures, PixelFeatures)
 }
 
 # A probe, or a method that learns from labels (``per_regime`` in the registry).

@@ -48,7 +48,7 @@ TOP_KEYS = (
 )  # fmt: skip
 BUDGET_KINDS = ("epochs", "images", "minutes")
 METHOD_KEYS = ("config", "max_epochs", "overrides")
-PROBE_KEYS = ("diffusion", "encoder")
+PROBE_KEYS = ("diffusion", "encoder", "pixels")
 CLUSTERING_KEYS = ("split",)
 
 
@@ -124,6 +124,7 @@ class Experiment:
     baselines: dict[str, MethodRun]
     probe_diffusion: MethodRun
     probe_encoder: MethodRun | None
+    probe_pixels: MethodRun | None
     clustering_split: str
     samples: int
     source: dict
@@ -188,6 +189,7 @@ class Experiment:
             },
             probe_diffusion=method(probes.get("diffusion"), "probes.diffusion"),
             probe_encoder=method(probes.get("encoder"), "probes.encoder") if baselines else None,
+            probe_pixels=method(probes["pixels"], "probes.pixels") if "pixels" in probes else None,
             clustering_split=(settings.get("clustering") or {}).get("split", "test"),
             samples=int(settings.get("samples", 16)),
             source=settings,
@@ -252,14 +254,24 @@ class ExperimentRunner:
     def encoder_run(name: str, regime: str) -> str:
         return f"{name}_{regime}" if METHODS[name].per_regime else name
 
-    def feature_sources(self, regime: str) -> dict[str, tuple[MethodRun, Path]]:
-        """Every method's probe config and the checkpoint its features come from."""
+    def feature_sources(self, regime: str) -> dict[str, tuple[MethodRun, Path | None]]:
+        """Every method's probe config and the checkpoint its features come from (none for
+        raw pixels)."""
         experiment = self.experiment
         sources = {"diffusion": (experiment.probe_diffusion, self.checkpoint("diffusion"))}
         for name in experiment.baselines:
             run = self.encoder_run(name, regime)
             sources[name] = (experiment.probe_encoder, self.checkpoint(run))
+        if experiment.probe_pixels is not None:
+            sources["pixels"] = (experiment.probe_pixels, None)
         return sources
+
+    @staticmethod
+    def checkpoint_argument(checkpoint: Path | None) -> dict[str, str]:
+        """The CLI setting that points a probe's feature source at its checkpoint."""
+        if checkpoint is None:
+            return {}
+        return {"model.init_args.features.init_args.checkpoint": str(checkpoint)}
 
     def data_arguments(self, regime: str) -> list[str]:
         """The experiment's data config and changes, for a CLI of any method."""
@@ -434,8 +446,7 @@ class ExperimentRunner:
         for regime in self.experiment.regimes:
             for name, (method, checkpoint) in self.feature_sources(regime).items():
                 run = f"probe_{name}_{regime}"
-                extra = {"model.init_args.features.init_args.checkpoint": str(checkpoint)}
-                cli, _ = self.fit(run, method, regime, extra)
+                cli, _ = self.fit(run, method, regime, self.checkpoint_argument(checkpoint))
                 if cli is not None:
                     self._evaluate(cli, run, regime, name)
                     self.finish(run)
@@ -473,8 +484,8 @@ class ExperimentRunner:
                 *self.data_arguments(regime),
                 *self.trainer_arguments(),
                 *cli_arguments(method.overrides),
-                "--model.init_args.features.init_args.checkpoint", str(checkpoint),
-            ]  # fmt: skip
+                *cli_arguments(self.checkpoint_argument(checkpoint)),
+            ]
             cluster_features(
                 method.config,
                 self.stage_dir("clustering") / name,

@@ -20,6 +20,8 @@ from lightning_modules.common.figures import confusion_figure, save_figure
 from .experiment import STAGES
 
 PER_CLASS_SHOWN = 5
+# The floor every learned feature must clear: the probe of `probes: {pixels: ...}`.
+PIXELS_ROW = "raw pixels (logistic regression)"
 
 
 class Row(NamedTuple):
@@ -52,6 +54,8 @@ def table_rows(experiment: dict) -> list[Row]:
         if method.per_regime:
             rows.append(Row(f"{method.display_name} end to end", name, ""))
         rows.append(Row(f"{method.display_name} probe", f"probe_{name}", "best_"))
+    if "pixels" in (experiment.get("probes") or {}):
+        rows.append(Row(PIXELS_ROW, "probe_pixels", "best_"))
     return rows
 
 
@@ -161,7 +165,7 @@ def _resolution_table(run_dir: Path, regime: str, info: dict) -> list[str]:
 def _clustering_table(run_dir: Path, experiment: dict) -> list[str]:
     lines = ["| features | key | NMI | ARI | purity |", "|---|---|---|---|---|"]
     found = False
-    for source in ("diffusion", *experiment_baselines(experiment)):
+    for source in ("diffusion", *experiment_baselines(experiment), "pixels"):
         path = run_dir / "clustering" / source / "clustering.csv"
         if not path.exists():
             continue
@@ -171,7 +175,8 @@ def _clustering_table(run_dir: Path, experiment: dict) -> list[str]:
         best = max(rows, key=lambda row: float(row["nmi"]))
         key = best["layer"] + (f" t={best['timestep']}" if best["timestep"] else "")
         scores = " | ".join(f"{float(best[s]):.3f}" for s in ("nmi", "ari", "purity"))
-        lines.append(f"| {METHODS[source].display_name} | {key} | {scores} |")
+        name = METHODS[source].display_name if source in METHODS else "raw pixels"
+        lines.append(f"| {name} | {key} | {scores} |")
     if not found:
         return []
     return lines + ["", "Diffusion: the key with the best NMI of the whole grid.", ""]

@@ -7,25 +7,41 @@ import timm
 import torch
 from torch import nn
 
+# The largest image side at which ``small_input_stem: null`` picks the small stem: at 64 px the
+# ImageNet stem leaves a 2x2 map before the last stage, at 32 px 1x1 (lightly's and solo-learn's
+# CIFAR recipes use the small stem at 32 px; their ImageNet-100 ones keep the ImageNet stem).
+SMALL_STEM_MAX_SIZE = 64
+
 
 def create_backbone(
-    name: str, in_chans: int, num_classes: int = 0, small_input_stem: bool = False
+    name: str,
+    in_chans: int,
+    num_classes: int = 0,
+    small_input_stem: bool | None = None,
+    image_size: int | None = None,
 ) -> nn.Module:
     """A timm model, never pretrained (nothing is downloaded); ``num_classes=0`` returns pooled
     features.
 
     ``small_input_stem`` swaps a ResNet's 7x7 stride-2 convolution and max-pool for one 3x3
     stride-1 convolution (the CIFAR variant): the ImageNet stem shrinks a 32 px image to 1x1
-    before the last stage. It costs about 16x the compute at a given image size.
+    before the last stage. It costs about 16x the compute at a given image size. ``None`` picks
+    it for a ResNet-style model at ``image_size`` up to ``SMALL_STEM_MAX_SIZE``, and leaves any
+    other model as timm builds it.
     """
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    resnet_style = isinstance(getattr(model, "conv1", None), nn.Conv2d) and hasattr(
+        model, "maxpool"
+    )
+    if small_input_stem is None:
+        small_input_stem = (
+            resnet_style and image_size is not None and image_size <= SMALL_STEM_MAX_SIZE
+        )
     if small_input_stem:
-        if not isinstance(getattr(model, "conv1", None), nn.Conv2d) or not hasattr(
-            model, "maxpool"
-        ):
+        if not resnet_style:
             raise ValueError(
                 f"small_input_stem needs a ResNet-style backbone with conv1 and maxpool; "
-                f"{name!r} has neither: set small_input_stem: false"
+                f"{name!r} has neither: set small_input_stem: false (or null)"
             )
         model.conv1 = nn.Conv2d(in_chans, model.conv1.out_channels, 3, 1, 1, bias=False)
         model.maxpool = nn.Identity()

@@ -67,8 +67,11 @@ class MAEModule(SelfSupervisedModule):
             ablation found deeper decoders help linear probes: raise it when compute allows.
         decoder_heads: decoder attention heads (32 channels each, as lightly's 512 / 16).
         mask_ratio: share of the patches masked (MAE's and lightly's 0.75).
+        optimizer: MAE's and lightly's ``adamw`` (its betas are set below).
         lr: AdamW learning rate for a global batch of 256, scaled linearly (MAE's 1.5e-4).
         weight_decay: AdamW weight decay (MAE's 0.05).
+        online_lr: the online classifier's learning rate, larger than the encoder's under
+            AdamW.
         **shared: the other settings of ``SelfSupervisedModule`` (``warmup_epochs``, ``knn_k``,
             ``online_lr``...) and the data's.
     """
@@ -82,13 +85,22 @@ class MAEModule(SelfSupervisedModule):
         decoder_depth: int = 2,
         decoder_heads: int = 4,
         mask_ratio: float = 0.75,
+        optimizer: str = "adamw",
         lr: float = 1.5e-4,
         weight_decay: float = 0.05,
+        online_lr: float | None = 0.004,
         **shared: object,
     ) -> None:
         if not 0 < mask_ratio < 1:
             raise ValueError(f"mask_ratio must be between 0 and 1, got {mask_ratio}")
-        super().__init__(backbone=backbone, lr=lr, weight_decay=weight_decay, **shared)
+        super().__init__(
+            backbone=backbone,
+            optimizer=optimizer,
+            lr=lr,
+            weight_decay=weight_decay,
+            online_lr=online_lr,
+            **shared,
+        )
         vit = self.backbone.vit
         num_patches = vit.patch_embed.num_patches
         self.sequence_length = self.backbone.sequence_length  # the patches and the class token
@@ -166,6 +178,7 @@ class MAEModule(SelfSupervisedModule):
         # MAE's and lightly's AdamW betas: a beta2 of 0.95 instead of 0.999 steadies ViT
         # pretraining. Unlike lightly, the shared optimiser's groups also decay norms, biases and
         # the tokens (lightly exempts them).
-        for group in config["optimizer"].param_groups:
-            group["betas"] = (0.9, 0.95)
+        if self.hparams.optimizer == "adamw":
+            for group in config["optimizer"].param_groups:
+                group["betas"] = (0.9, 0.95)
         return config

@@ -4,6 +4,8 @@ before the offline probe (the lightly and solo-learn recipe)."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
@@ -16,23 +18,37 @@ from .backbones import create_backbone
 from .collapse import CollapseMonitor, embedding_std_ratio
 from .knn import KNNAccuracy
 
+# The optimisers a self-supervised method may name, with what each fixes.
+OPTIMIZERS = {
+    "sgd": partial(torch.optim.SGD, momentum=0.9),
+    "adamw": torch.optim.AdamW,
+}
+
 
 class SelfSupervisedModule(EvalSetClassifier):
     """Base of the self-supervised methods; a subclass implements ``ssl_step``, and may build
     another encoder than a timm ResNet by overriding ``build_backbone``. The data's number of
     classes serves only the online classifier and the kNN monitor.
 
+    The defaults are the small-image recipe of lightly's CIFAR-10 benchmark, where SimCLR and
+    DINO on a ResNet-18 reach kNN accuracies of 0.847 and 0.840: SGD with momentum 0.9 at 0.06
+    per 128 images, weight decay 5e-4, a cosine schedule without warm-up, and the small-input
+    stem at 32 px. lightly's ImageNet benchmarks use LARS at 0.3 x sqrt(batch) instead, a
+    large-batch optimiser that small batches on one CPU or GPU do not need.
+
     Args:
         backbone: a timm model name, never pretrained.
-        lr: AdamW learning rate for a global batch of 256, scaled linearly.
-        weight_decay: AdamW weight decay (none on the online classifier).
+        optimizer: ``sgd`` (momentum 0.9) or ``adamw``.
+        lr: learning rate for a global batch of 256, scaled linearly (0.12: lightly's 0.06 per
+            128).
+        weight_decay: weight decay (none on the online classifier).
         warmup_epochs: linear warm-up before the cosine decay.
         knn_k: neighbours of the kNN monitor.
-        online_lr: the online classifier's own learning rate (global batch of 256): a linear
-            head on fixed-scale features wants a larger one than the backbone, or the monitor
-            lags behind the features it measures.
-        small_input_stem: a 3x3 stride-1 stem without max-pool for small images (see
-            ``create_backbone``).
+        online_lr: the online classifier's own learning rate (global batch of 256); None uses
+            ``lr``, as lightly does. Under AdamW a linear head on fixed-scale features wants a
+            larger one than the backbone, or the monitor lags behind the features it measures.
+        small_input_stem: a 3x3 stride-1 stem without max-pool for small images; None picks it
+            for a ResNet at 64 px or below (see ``create_backbone``).
         **data: the data's settings (``PlanktonModule``).
     """
 
@@ -42,14 +58,17 @@ class SelfSupervisedModule(EvalSetClassifier):
     def __init__(
         self,
         backbone: str = "resnet18",
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-        warmup_epochs: int = 1,
+        optimizer: str = "sgd",
+        lr: float = 0.12,
+        weight_decay: float = 5e-4,
+        warmup_epochs: int = 0,
         knn_k: int = 20,
-        online_lr: float = 0.004,
-        small_input_stem: bool = False,
+        online_lr: float | None = None,
+        small_input_stem: bool | None = None,
         **data: object,
     ) -> None:
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
         super().__init__(**data)
         num_classes = len(self.class_names)
         self.backbone = self.build_backbone()
@@ -63,7 +82,12 @@ class SelfSupervisedModule(EvalSetClassifier):
         with a ``num_features`` attribute. Called once, once ``self.hparams`` holds every
         setting."""
         settings = self.hparams
-        return create_backbone(settings.backbone, settings.in_chans, 0, settings.small_input_stem)
+        return create_backbone(
+            settings.backbone,
+            settings.in_chans,
+            small_input_stem=settings.small_input_stem,
+            image_size=settings.image_size,
+        )
 
     def encoders(self) -> dict[str, nn.Module]:
         """The networks that probes and clustering may read, by name; the first by default."""
@@ -121,18 +145,18 @@ class SelfSupervisedModule(EvalSetClassifier):
         return {"signals": dict(self.collapse.last), "collapsed": self.collapse.collapsed()}
 
     def configure_optimizers(self) -> dict:
+        settings = self.hparams
         classifier = set(self.online_classifier.parameters())
+        online_lr = settings.lr if settings.online_lr is None else settings.online_lr
         groups = [
             {"params": [p for p in self.parameters() if p.requires_grad and p not in classifier]},
             {
                 "params": list(classifier),
                 "weight_decay": 0.0,
-                "lr": scaled_lr(self.trainer, self.hparams.online_lr),
+                "lr": scaled_lr(self.trainer, online_lr),
             },
         ]
-        optimizer = torch.optim.AdamW(
-            groups,
-            lr=scaled_lr(self.trainer, self.hparams.lr),
-            weight_decay=self.hparams.weight_decay,
+        optimizer = OPTIMIZERS[settings.optimizer](
+            groups, lr=scaled_lr(self.trainer, settings.lr), weight_decay=settings.weight_decay
         )
         return warmup_cosine(optimizer, self.trainer, self.hparams.warmup_epochs)

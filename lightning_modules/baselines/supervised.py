@@ -37,8 +37,8 @@ class SupervisedModule(EvalSetClassifier):
         warmup_epochs: linear warm-up before the cosine decay.
         label_smoothing: cross-entropy label smoothing.
         class_balanced_loss: weight the loss by inverse class frequency (long-tailed data).
-        small_input_stem: a 3x3 stride-1 stem without max-pool for small images (see
-            ``create_backbone``).
+        small_input_stem: a 3x3 stride-1 stem without max-pool for small images; None picks it
+            for a ResNet at 64 px or below (see ``create_backbone``).
         **data: the data's settings (``PlanktonModule``).
     """
 
@@ -50,12 +50,14 @@ class SupervisedModule(EvalSetClassifier):
         warmup_epochs: int = 1,
         label_smoothing: float = 0.1,
         class_balanced_loss: bool = False,
-        small_input_stem: bool = False,
+        small_input_stem: bool | None = None,
         **data: object,
     ) -> None:
         super().__init__(**data)
         num_classes = len(self.class_names)
-        self.model = create_backbone(backbone, self.hparams.in_chans, num_classes, small_input_stem)
+        self.model = create_backbone(
+            backbone, self.hparams.in_chans, num_classes, small_input_stem, self.hparams.image_size
+        )
         self.register_buffer("class_weights", torch.ones(num_classes))
         self.val_metrics = classification_metrics(num_classes)
 

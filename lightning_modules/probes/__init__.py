@@ -1,7 +1,20 @@
 """Frozen features and what reads them: feature sources, the feature cache, the probe grid, its
 reports and clustering."""
 
-from .features import DiffusionFeatures, EncoderFeatures, FeatureKey, FeatureSource
+from .features import (
+    DiffusionFeatures,
+    EncoderFeatures,
+    FeatureKey,
+    FeatureSource,
+    PixelFeatures,
+)
 from .probe import ProbeModule
 
-__all__ = ["DiffusionFeatures", "EncoderFeatures", "FeatureKey", "FeatureSource", "ProbeModule"]
+__all__ = [
+    "DiffusionFeatures",
+    "EncoderFeatures",
+    "FeatureKey",
+    "FeatureSource",
+    "PixelFeatures",
+    "ProbeModule",
+]

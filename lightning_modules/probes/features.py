@@ -128,6 +128,10 @@ class FeatureSource(nn.Module):
     def feature_dims(self) -> dict[FeatureKey, int]:
         raise NotImplementedError
 
+    def bind_data(self, in_chans: int, image_size: int) -> None:
+        """Told the data's image shape before ``feature_dims`` is asked (sources whose size
+        depends on it)."""
+
     def settings(self) -> dict:
         """Everything besides the weights that decides the features."""
         raise NotImplementedError
@@ -358,3 +362,39 @@ class EncoderFeatures(FeatureSource):
         self, images: torch.Tensor, indices: torch.Tensor
     ) -> dict[FeatureKey, torch.Tensor]:
         return {self.KEY: self.encoder(images).float()}
+
+
+class PixelFeatures(FeatureSource):
+    """The images themselves, flattened, under one key ``("pixels", None)``: probed like any
+    other source, it is logistic regression on raw pixels, the floor that learned features must
+    clear (a method below it has learned less about the classes than the pixels carry).
+
+    Args:
+        micro_batch: images per group (nothing is computed; only the grouping of the base).
+    """
+
+    KEY: FeatureKey = ("pixels", None)
+
+    def __init__(self, micro_batch: int = 64) -> None:
+        super().__init__()
+        self.micro_batch = micro_batch
+        self.keys = [self.KEY]
+        self.init_args = {"micro_batch": micro_batch}
+        self.image_shape: tuple[int, int] | None = None
+
+    def bind_data(self, in_chans: int, image_size: int) -> None:
+        self.image_shape = (in_chans, image_size)
+
+    def settings(self) -> dict:
+        return {"source": "pixels"}
+
+    def feature_dims(self) -> dict[FeatureKey, int]:
+        if self.image_shape is None:
+            raise RuntimeError("PixelFeatures needs bind_data(in_chans, image_size) first")
+        in_chans, image_size = self.image_shape
+        return {self.KEY: in_chans * image_size**2}
+
+    def micro_batch_features(
+        self, images: torch.Tensor, indices: torch.Tensor
+    ) -> dict[FeatureKey, torch.Tensor]:
+        return {self.KEY: images.flatten(1).float()}

@@ -92,6 +92,7 @@ class ProbeModule(PlanktonModule):
         self.features = features.requires_grad_(False)
         self.keys: list[FeatureKey] = list(features.keys)
         num_classes = len(self.class_names)
+        features.bind_data(self.hparams.in_chans, self.hparams.image_size)
         dims = features.feature_dims()
         widths = torch.tensor([dims[key] for key in self.keys])
         width = int(widths.max())
