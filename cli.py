@@ -180,6 +180,7 @@ def format_summary(summary: dict) -> str:
     for title, key in [
         ("dropped classes (min_per_class)", "dropped_classes"),
         ("training images unused by the balanced regime", "unused_train"),
+        ("images left out by max_class_images", "capped"),
     ]:
         if summary[key]:
             lines += ["", f"{title}:"] + [f"  {k}: {v}" for k, v in summary[key].items()]

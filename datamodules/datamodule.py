@@ -110,6 +110,7 @@ class DatasetSummary:
     dropped_classes: dict[str, int] = field(default_factory=dict)
     excluded: dict[str, dict[str, int]] = field(default_factory=dict)
     unused_train: dict[str, int] = field(default_factory=dict)
+    capped: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -120,6 +121,7 @@ class DatasetSummary:
             "dropped_classes": self.dropped_classes,
             "excluded": self.excluded,
             "unused_train": self.unused_train,
+            "capped": self.capped,
             "warnings": self.warnings,
         }
 
@@ -151,6 +153,10 @@ class PlanktonDataModule(L.LightningDataModule):
         regime: ``long_tailed`` trains on every training image, ``balanced`` on at most
             ``max_per_class`` per class (the same images on every run).
         max_per_class: training images per class in the balanced regime.
+        max_class_images: at most this many images of each class are used, in every split and
+            regime (before splitting; the same images on every run): a smaller copy of a large
+            dataset that keeps its long tail, for a run on a CPU. The images left out are counted
+            per class (``plankton data inspect``). None uses them all.
         min_per_class: classes with fewer images (before splitting) are dropped and reported.
         val_fraction: fraction of each class's images for validation.
         test_fraction: fraction of each class's images for test.
@@ -188,6 +194,7 @@ class PlanktonDataModule(L.LightningDataModule):
         class_map: dict[str, str | None] | None = None,
         regime: Literal["balanced", "long_tailed"] = "long_tailed",
         max_per_class: int = 100,
+        max_class_images: int | None = None,
         min_per_class: int = 1,
         val_fraction: float = 0.1,
         test_fraction: float = 0.2,
@@ -217,6 +224,7 @@ class PlanktonDataModule(L.LightningDataModule):
             ("eval_batch_size", 1 if eval_batch_size is None else eval_batch_size, 1),
             ("num_workers", num_workers, 0),
             ("max_per_class", max_per_class, 1),
+            ("max_class_images", 1 if max_class_images is None else max_class_images, 1),
             ("min_per_class", min_per_class, 0),
         ):
             if value < least:
@@ -240,6 +248,7 @@ class PlanktonDataModule(L.LightningDataModule):
         self.class_map = dict(class_map or {})
         self.regime = regime
         self.max_per_class = max_per_class
+        self.max_class_images = max_class_images
         self.min_per_class = min_per_class
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.split_seed = split_seed
@@ -373,6 +382,19 @@ class PlanktonDataModule(L.LightningDataModule):
         sizes = Counter(label for _, _, _, label in in_distribution)
         dropped = {c: n for c, n in sorted(sizes.items()) if n < self.min_per_class}
         in_distribution = [item for item in in_distribution if item[3] not in dropped]
+        capped: Counter = Counter()
+        if self.max_class_images is not None:
+            keep = set(
+                balanced_subset(
+                    range(len(in_distribution)),
+                    [record.key for _, _, record, _ in in_distribution],
+                    [label for _, _, _, label in in_distribution],
+                    self.max_class_images,
+                    self.split_seed,
+                )
+            )
+            capped = Counter(item[3] for i, item in enumerate(in_distribution) if i not in keep)
+            in_distribution = [item for i, item in enumerate(in_distribution) if i in keep]
         splits = assign_splits(
             [record.key for _, _, record, _ in in_distribution],
             [label for _, _, _, label in in_distribution],
@@ -436,6 +458,7 @@ class PlanktonDataModule(L.LightningDataModule):
             dropped_classes=dropped,
             excluded={k: dict(sorted(v.items())) for k, v in sorted(excluded.items())},
             unused_train=dict(sorted(unused.items())),
+            capped=dict(sorted(capped.items())),
             warnings=notes,
         )
         self._splits = chosen

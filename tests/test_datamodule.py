@@ -85,6 +85,20 @@ def test_balanced_regime_caps_training_images(class_folders, tmp_path):
     assert long_tailed.summary.counts["test"] == dm.summary.counts["test"]
 
 
+def test_max_class_images_keeps_a_smaller_long_tailed_copy_and_counts_what_it_left(
+    class_folders, tmp_path
+):
+    dm = _module(class_folders, tmp_path, max_class_images=10)
+    totals = {c: sum(dm.summary.counts[s][c] for s in ("train", "val", "test"))
+              for c in dm.class_names}  # fmt: skip
+    assert totals == {"copepod": 10, "diatom": 10, "rare": 3}  # the tail is kept whole
+    assert dm.summary.capped == {"copepod": 30, "diatom": 10}
+    again = _module(class_folders, tmp_path, max_class_images=10)
+    assert set(again.dataset("train").rows) == set(dm.dataset("train").rows)
+    with pytest.raises(ValueError, match="max_class_images must be at least 1"):
+        _module(class_folders, tmp_path, max_class_images=0)
+
+
 def test_min_per_class_drops_rare_classes_and_reports_them(class_folders, tmp_path):
     with pytest.warns(UserWarning, match="min_per_class"):
         dm = _module(class_folders, tmp_path, min_per_class=5)

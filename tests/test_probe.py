@@ -6,12 +6,14 @@ import pytest
 import torch
 from conftest import run_script
 from planted import CLASSES, PlantedFeatures, write_planted_images
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 
 from datamodules import PlanktonDataModule
 from lightning_modules import PixelFeatures, ProbeModule
 from lightning_modules.probes.feature_cache import load_or_extract
 from lightning_modules.probes.grid_metrics import GridConfusion, grid_scores
+from lightning_modules.probes.probe import LBFGS_DECAY_GRID
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +88,7 @@ def test_backbone_stays_frozen(planted_root, tmp_path):
 
 
 def test_online_and_cached_give_the_same_metrics(planted_root, tmp_path):
-    cached, _ = _fit(planted_root, tmp_path / "cached", epochs=4, mode="cached")
+    cached, _ = _fit(planted_root, tmp_path / "cached", epochs=4, mode="cached", solver="adamw")
     online, _ = _fit(planted_root, tmp_path / "online", epochs=4, mode="online")
     assert torch.allclose(cached.val_macro_f1, online.val_macro_f1, atol=1e-6)
     assert torch.allclose(cached.weight, online.weight, atol=1e-5)
@@ -114,6 +116,41 @@ def test_raw_pixels_are_a_feature_source_probed_by_logistic_regression(planted_r
     assert trainer.callback_metrics["test/best_acc"] == pytest.approx(1.0)
     images = torch.rand(3, 1, 8, 8)
     assert torch.equal(probe.features(images, [0, 1, 2])[("pixels", None)], images.flatten(1))
+
+
+def test_lbfgs_reaches_the_scikit_learn_logistic_regression_solution(planted_root, tmp_path):
+    """Full-batch L-BFGS with weight decay d solves the problem scikit-learn's
+    ``LogisticRegression`` solves with C = 1 / (d * training images): the same probabilities."""
+    decay = 0.05
+    probe, _ = _fit(planted_root, tmp_path, epochs=4, test=False, features=PixelFeatures(),
+                    solver="lbfgs", weight_decay=decay)  # fmt: skip
+    data = probe.trainer.datamodule
+    standardized = [
+        ((probe._cached[split][:, 0].float() - probe.mean[0]) / probe.std[0]).numpy()
+        for split in ("train", "val")
+    ]
+    labels = np.asarray(data.dataset("train").labels)
+    reference = LogisticRegression(C=1 / (decay * len(labels)), tol=1e-10, max_iter=10_000)
+    reference.fit(standardized[0], labels)
+    expected = reference.predict_proba(standardized[1])
+    with torch.no_grad():
+        logits = probe.logits(probe._cached["val"].float().transpose(0, 1))[0]
+    np.testing.assert_allclose(logits.softmax(-1).numpy(), expected, atol=2e-3)
+
+
+def test_the_lbfgs_weight_decay_is_chosen_on_validation(planted_root, tmp_path):
+    """By default L-BFGS tries a grid of decays, keeps the best on validation for every head,
+    and says what it tried; a grid with a mini-batch solver is refused."""
+    probe, _ = _fit(planted_root, tmp_path, epochs=2, test=False)
+    assert probe.solver == "lbfgs" and set(probe.decay_scores) == set(LBFGS_DECAY_GRID)
+    chosen = float(probe.weight_decay)
+    assert probe.decay_scores[chosen] == max(probe.decay_scores.values())
+    with open(tmp_path / "run" / "weight_decay_grid.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(r["weight_decay"]) for r in rows if r["chosen"] == "True"] == [chosen]
+    assert len(rows) == len(LBFGS_DECAY_GRID)
+    with pytest.raises(ValueError, match="a grid of decays needs solver: lbfgs"):
+        ProbeModule(PlantedFeatures(), num_classes=CLASSES, solver="adamw", weight_decay=[0.1, 1])
 
 
 def test_feature_cache_is_reused_invalidated_and_atomic(planted_root, tmp_path):

@@ -32,6 +32,9 @@ from .grid_metrics import GridConfusion, GridScores, grid_scores
 from .reports import write_heatmaps, write_test_reports
 
 RESULT_COLUMNS = ["layer", "timestep", "split", "accuracy", "macro_f1", "converged", "best"]
+# L-BFGS's weight decays, chosen on validation: the penalty is 0.5 * decay * ||W||^2 on the mean
+# training loss, so scikit-learn's C is 1 / (decay * training images).
+LBFGS_DECAY_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
 class ProbeModule(PlanktonModule):
@@ -40,11 +43,14 @@ class ProbeModule(PlanktonModule):
     Args:
         features: the frozen feature source (``DiffusionFeatures``, or an encoder's).
         mode: ``cached`` (extract once to disk, then train the heads) or ``online``.
-        solver: ``adamw`` or ``sgd`` (mini-batch), or ``lbfgs`` (full-batch logistic regression
-            on cached features, the way to converge; ``lbfgs_iterations`` per epoch).
+        solver: ``lbfgs`` (full-batch logistic regression on cached features, solved rather
+            than sampled; ``lbfgs_iterations`` per epoch), or ``adamw`` or ``sgd``
+            (mini-batch, for online mode). None: ``lbfgs`` in cached mode, else ``adamw``.
         lr: learning rate of AdamW and SGD (L-BFGS uses a line search instead).
         weight_decay: L2 penalty on the head weights (decoupled for AdamW, in the loss for
-            SGD and L-BFGS).
+            SGD and L-BFGS). With L-BFGS a list is a grid: every head is fitted at each decay
+            and the decay whose best head scores highest on validation is kept, one for all
+            heads. None: ``LBFGS_DECAY_GRID`` for L-BFGS, else 1e-4.
         standardize: ``train`` (mean and std of each feature over the training set),
             ``batchnorm`` (a BatchNorm without affine parameters) or ``none``.
         l2_normalize: scale each key's feature vector to unit length (after standardizing).
@@ -69,9 +75,9 @@ class ProbeModule(PlanktonModule):
         self,
         features: FeatureSource,
         mode: Literal["cached", "online"] = "cached",
-        solver: Literal["adamw", "sgd", "lbfgs"] = "adamw",
+        solver: Literal["adamw", "sgd", "lbfgs"] | None = None,
         lr: float = 1e-3,
-        weight_decay: float = 1e-4,
+        weight_decay: float | list[float] | None = None,
         standardize: Literal["train", "batchnorm", "none"] = "train",
         l2_normalize: bool = False,
         loss: Literal["cross_entropy", "class_balanced", "logit_adjusted"] = "cross_entropy",
@@ -86,9 +92,11 @@ class ProbeModule(PlanktonModule):
         **data: object,
     ) -> None:
         super().__init__(**data)
-        if solver == "lbfgs" and mode != "cached":
+        self.solver = solver or ("lbfgs" if mode == "cached" else "adamw")
+        if self.solver == "lbfgs" and mode != "cached":
             raise ValueError("solver: lbfgs needs mode: cached (full-batch on stored features)")
-        self.automatic_optimization = solver != "lbfgs"
+        self.decay_grid = _decay_grid(weight_decay, self.solver)
+        self.automatic_optimization = self.solver != "lbfgs"
         self.features = features.requires_grad_(False)
         self.keys: list[FeatureKey] = list(features.keys)
         num_classes = len(self.class_names)
@@ -112,6 +120,8 @@ class ProbeModule(PlanktonModule):
         self.register_buffer("val_macro_f1", torch.zeros(heads))
         self.register_buffer("converged", torch.zeros(heads, dtype=torch.bool))
         self.register_buffer("previous_loss", torch.full((heads,), float("nan")))
+        self.register_buffer("weight_decay", torch.tensor(self.decay_grid[0], dtype=torch.float64))
+        self.decay_scores: dict[float, float] = {}
         top_k = min(fusion_top_k, heads)
         top_k = top_k if top_k > 1 else 0  # fusing one key is that key: nothing to report
         self.register_buffer("fusion_keys", torch.zeros(top_k, dtype=torch.long))
@@ -184,13 +194,27 @@ class ProbeModule(PlanktonModule):
             x = F.normalize(x, dim=-1)
         return x
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """``(keys, batch, classes)`` from raw features ``(keys, batch, width)``."""
-        return torch.baddbmm(self.bias[:, None], self._normalize(x), self.weight)
+    def logits(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``(keys, batch, classes)`` from raw features ``(keys, batch, width)``, by the heads'
+        parameters or by ``weight`` and ``bias`` of their shapes."""
+        weight = self.weight if weight is None else weight
+        bias = self.bias if bias is None else bias
+        return torch.baddbmm(bias[:, None], self._normalize(x), weight)
 
-    def head_losses(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def head_losses(
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Training loss of every head ``(keys,)``."""
-        logits = self.logits(x)
+        logits = self.logits(x, weight, bias)
         if self.hparams.loss == "logit_adjusted":
             logits = logits + self.hparams.logit_tau * self.log_prior
         keys, batch, classes = logits.shape
@@ -216,6 +240,8 @@ class ProbeModule(PlanktonModule):
             self._extract("train", "val")
         if self.hparams.standardize == "train":
             self._standardize_from_training_set()
+        if len(self.decay_grid) > 1:
+            self._select_weight_decay()
 
     def _extract(self, *splits: str) -> None:
         """Fill the feature cache of ``splits``, every rank extracting its shard together."""
@@ -241,15 +267,69 @@ class ProbeModule(PlanktonModule):
         self.mean.copy_(mean * self.valid)
         self.std.copy_(torch.where(self.valid & (std > 1e-6), std, 1.0))
 
+    def _select_weight_decay(self) -> None:
+        """Fit every head at each decay of the grid, strongest first, each fit starting from the
+        last one's solution (a regularisation path, so each converges in few iterations); keep
+        the decay, and its heads, whose best head scores highest on validation."""
+        x, labels = self._collect("train")
+        val_x, val_labels = self._collect("val")
+        weight, bias = self.weight.detach().clone(), self.bias.detach().clone()
+        best = None
+        for decay in sorted(self.decay_grid, reverse=True):
+            weight, bias = self._lbfgs_fit(x, labels, decay, weight, bias)
+            with torch.no_grad():
+                predictions = self.logits(val_x, weight, bias).argmax(-1)
+            confusion = GridConfusion(len(self.keys), len(self.class_names)).to(self.device)
+            confusion.update(predictions, val_labels)
+            scores = getattr(grid_scores(confusion.matrix), self.hparams.select_metric)
+            self.decay_scores[decay] = float(scores.max())
+            if best is None or self.decay_scores[decay] > self.decay_scores[best[0]]:
+                best = (decay, weight, bias)
+        decay, weight, bias = best
+        with torch.no_grad():
+            self.weight.copy_(weight)
+            self.bias.copy_(bias)
+        self.weight_decay.fill_(decay)
+
+    def _lbfgs_fit(
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor,
+        decay: float,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every head fitted by full-batch L-BFGS from ``weight`` and ``bias`` (copies: not the
+        module's parameters, which DDP would try to synchronise)."""
+        weight = weight.detach().clone().requires_grad_(True)
+        bias = bias.detach().clone().requires_grad_(True)
+        optimizer = torch.optim.LBFGS(
+            [weight, bias],
+            lr=1.0,
+            max_iter=self.hparams.lbfgs_iterations,
+            line_search_fn="strong_wolfe",
+        )
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            losses = self.head_losses(x, labels, weight, bias)
+            loss = losses.sum() + 0.5 * decay * weight.square().sum()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            optimizer.step(closure)
+        return weight.detach(), bias.detach()
+
     def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor | None:
-        if self.hparams.solver == "lbfgs":
+        if self.solver == "lbfgs":
             return self._lbfgs_epoch(batch_idx)
         losses = self.head_losses(self.batch_features(batch, "train"), batch[1])
         self.epoch_loss += losses.detach().cpu()
         self.epoch_batches += 1
         loss = losses.sum()  # each head receives the gradient of its own loss
-        if self.hparams.solver == "sgd":
-            loss = loss + 0.5 * self.hparams.weight_decay * self.weight.square().sum()
+        if self.solver == "sgd":
+            loss = loss + 0.5 * float(self.weight_decay) * self.weight.square().sum()
         self.log("train/loss", losses.mean(), prog_bar=True)
         return loss
 
@@ -259,7 +339,7 @@ class ProbeModule(PlanktonModule):
             return None
         x, labels = self._collect("train")
         optimizer = self.optimizers()
-        decay = self.hparams.weight_decay
+        decay = float(self.weight_decay)
 
         def closure() -> torch.Tensor:
             optimizer.zero_grad()
@@ -325,6 +405,8 @@ class ProbeModule(PlanktonModule):
     def on_fit_end(self) -> None:
         folder = self.output_dir()  # on every rank: finding the log folder is collective
         self._write_results(folder, {"val": self.validation_scores()})
+        if self.decay_scores:
+            rank_zero_only(self._write_decay_grid)(folder)
         rank_zero_only(write_heatmaps)(self, folder)
 
     @torch.no_grad()
@@ -343,7 +425,7 @@ class ProbeModule(PlanktonModule):
         optimizer = torch.optim.LBFGS(
             [weight, bias], lr=1, max_iter=200, line_search_fn="strong_wolfe"
         )
-        decay = self.hparams.weight_decay
+        decay = float(self.weight_decay)
 
         def closure() -> torch.Tensor:
             optimizer.zero_grad()
@@ -474,9 +556,16 @@ class ProbeModule(PlanktonModule):
                 )
         write_csv_atomic(path, RESULT_COLUMNS, rows)
 
+    def _write_decay_grid(self, folder: Path) -> None:
+        """The validation score of every weight decay tried, and the one kept."""
+        chosen = float(self.weight_decay)
+        rows = [[d, f"{s:.6f}", d == chosen] for d, s in sorted(self.decay_scores.items())]
+        metric = f"val_best_{self.hparams.select_metric}"
+        write_csv_atomic(folder / "weight_decay_grid.csv", ["weight_decay", metric, "chosen"], rows)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         heads = [self.weight, self.bias]
-        solver = self.hparams.solver
+        solver = self.solver
         if solver == "lbfgs":
             return torch.optim.LBFGS(
                 heads,
@@ -486,4 +575,25 @@ class ProbeModule(PlanktonModule):
             )
         if solver == "sgd":
             return torch.optim.SGD(heads, lr=self.hparams.lr, momentum=0.9)
-        return torch.optim.AdamW(heads, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return torch.optim.AdamW(heads, lr=self.hparams.lr, weight_decay=float(self.weight_decay))
+
+
+def _decay_grid(weight_decay: float | list[float] | None, solver: str) -> list[float]:
+    """The weight decays to try: one, or (L-BFGS only) a grid chosen from on validation."""
+    if weight_decay is None:
+        return list(LBFGS_DECAY_GRID) if solver == "lbfgs" else [1e-4]
+    grid = (
+        [float(d) for d in weight_decay]
+        if isinstance(weight_decay, list | tuple)
+        else [float(weight_decay)]
+    )
+    if not grid or any(d < 0 for d in grid):
+        raise ValueError(
+            f"weight_decay must be one decay >= 0 or a list of them, got {weight_decay}"
+        )
+    if len(grid) > 1 and solver != "lbfgs":
+        raise ValueError(
+            f"weight_decay: a grid of decays needs solver: lbfgs (got {solver}); "
+            "give one decay for AdamW or SGD"
+        )
+    return grid
