@@ -11,6 +11,7 @@ to float16, so they train on identical inputs.
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -299,27 +300,30 @@ class ProbeModule(PlanktonModule):
         weight: torch.Tensor,
         bias: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every head fitted by full-batch L-BFGS from ``weight`` and ``bias`` (copies: not the
-        module's parameters, which DDP would try to synchronise)."""
+        """Every head fitted by full-batch L-BFGS from ``weight`` and ``bias``, on copies: the
+        module's parameters stay out of DDP's gradient synchronisation, which every rank's
+        identical full-batch problem does not need."""
         weight = weight.detach().clone().requires_grad_(True)
         bias = bias.detach().clone().requires_grad_(True)
-        optimizer = torch.optim.LBFGS(
-            [weight, bias],
-            lr=1.0,
-            max_iter=self.hparams.lbfgs_iterations,
-            line_search_fn="strong_wolfe",
-        )
 
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            losses = self.head_losses(x, labels, weight, bias)
-            loss = losses.sum() + 0.5 * decay * weight.square().sum()
-            loss.backward()
-            return loss
+        def loss() -> torch.Tensor:
+            return self._lbfgs_loss(x, labels, decay, weight, bias)
 
-        with torch.enable_grad():
-            optimizer.step(closure)
+        lbfgs_step(lbfgs([weight, bias], self.hparams.lbfgs_iterations), loss)
         return weight.detach(), bias.detach()
+
+    def _lbfgs_loss(
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor,
+        decay: float,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Every head's mean loss plus its penalty, summed: the heads are independent."""
+        weight = self.weight if weight is None else weight
+        losses = self.head_losses(x, labels, weight, bias)
+        return losses.sum() + 0.5 * decay * weight.square().sum()
 
     def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor | None:
         if self.solver == "lbfgs":
@@ -338,17 +342,10 @@ class ProbeModule(PlanktonModule):
         if batch_idx:
             return None
         x, labels = self._collect("train")
-        optimizer = self.optimizers()
         decay = float(self.weight_decay)
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            losses = self.head_losses(x, labels)
-            loss = losses.sum() + 0.5 * decay * self.weight.square().sum()
-            self.manual_backward(loss)
-            return loss
-
-        optimizer.step(closure)
+        lbfgs_step(
+            self.optimizers(), lambda: self._lbfgs_loss(x, labels, decay), self.manual_backward
+        )
         with torch.no_grad():
             self.epoch_loss = self.head_losses(x, labels).cpu()
         self.epoch_batches = 1
@@ -422,22 +419,13 @@ class ProbeModule(PlanktonModule):
         inputs = self._fusion_inputs(x)
         weight = torch.zeros_like(self.fusion_weight, requires_grad=True)
         bias = torch.zeros_like(self.fusion_bias, requires_grad=True)
-        optimizer = torch.optim.LBFGS(
-            [weight, bias], lr=1, max_iter=200, line_search_fn="strong_wolfe"
-        )
         decay = float(self.weight_decay)
 
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            loss = (
-                F.cross_entropy(inputs @ weight + bias, labels)
-                + 0.5 * decay * weight.square().sum()
-            )
-            loss.backward()
-            return loss
+        def loss() -> torch.Tensor:
+            penalty = 0.5 * decay * weight.square().sum()
+            return F.cross_entropy(inputs @ weight + bias, labels) + penalty
 
-        with torch.enable_grad():
-            optimizer.step(closure)
+        lbfgs_step(lbfgs([weight, bias], max_iter=200), loss)
         self.fusion_weight.copy_(weight.detach())
         self.fusion_bias.copy_(bias.detach())
 
@@ -567,15 +555,34 @@ class ProbeModule(PlanktonModule):
         heads = [self.weight, self.bias]
         solver = self.solver
         if solver == "lbfgs":
-            return torch.optim.LBFGS(
-                heads,
-                lr=1.0,
-                max_iter=self.hparams.lbfgs_iterations,
-                line_search_fn="strong_wolfe",
-            )
+            return lbfgs(heads, self.hparams.lbfgs_iterations)
         if solver == "sgd":
             return torch.optim.SGD(heads, lr=self.hparams.lr, momentum=0.9)
         return torch.optim.AdamW(heads, lr=self.hparams.lr, weight_decay=float(self.weight_decay))
+
+
+def lbfgs(parameters: list[torch.Tensor], max_iter: int) -> torch.optim.LBFGS:
+    """Full-batch L-BFGS with a strong-Wolfe line search (the solver of scikit-learn's logistic
+    regression)."""
+    return torch.optim.LBFGS(parameters, lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+
+def lbfgs_step(
+    optimizer: torch.optim.Optimizer,
+    loss: Callable[[], torch.Tensor],
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+) -> None:
+    """One L-BFGS step (up to its ``max_iter`` iterations) on ``loss()``; ``backward`` is
+    Lightning's ``manual_backward`` for a module's own parameters."""
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        value = loss()
+        backward(value)
+        return value
+
+    with torch.enable_grad():
+        optimizer.step(closure)
 
 
 def _decay_grid(weight_decay: float | list[float] | None, solver: str) -> list[float]:
