@@ -153,6 +153,22 @@ def test_the_lbfgs_weight_decay_is_chosen_on_validation(planted_root, tmp_path):
         ProbeModule(PlantedFeatures(), num_classes=CLASSES, solver="adamw", weight_decay=[0.1, 1])
 
 
+def test_the_probe_caches_beside_the_data_and_keeps_no_machine_path(planted_root, tmp_path):
+    """With no cache_dir of its own the probe caches its features in the data's cache folder;
+    the folder is not a hyperparameter, so a logger (which merges the model's and the data's
+    hyperparameters) sees no clash, and the checkpoint carries no path of this machine."""
+    data = _data(planted_root, tmp_path)
+    probe = ProbeModule(PixelFeatures(), num_classes=CLASSES, class_names=data.class_names,
+                        image_size=8)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, default_root_dir=tmp_path / "run",
+    )  # fmt: skip
+    trainer.fit(probe, data)
+    assert list((tmp_path / "cache" / "features").iterdir())
+    assert "cache_dir" not in probe.hparams
+
+
 def test_feature_cache_is_reused_invalidated_and_atomic(planted_root, tmp_path):
     data = _data(planted_root, tmp_path)
     data.setup()

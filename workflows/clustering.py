@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 
-from datamodules.cache import default_cache_dir
 from datamodules.store import write_csv_atomic
 from lightning_modules.common.figures import heatmap_figure, save_figure
 from lightning_modules.probes.clustering import cluster_scores
@@ -35,7 +34,7 @@ def cluster_features(
     cli = PlanktonCLI(args=["--config", str(config), *(overrides or [])], run=False)
     datamodule, source = cli.datamodule, cli.model.features
     dataset = datamodule.dataset(split)
-    cache_dir = cli.model.hparams.cache_dir or default_cache_dir()
+    cache_dir = cli.model.feature_cache_dir(datamodule)
     features = load_or_extract(source, dataset, cache_dir, progress=True)
     rows = cluster_scores(features, dataset.labels, k or datamodule.num_classes, seed)
     out = Path(out)

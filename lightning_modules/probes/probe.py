@@ -65,12 +65,13 @@ class ProbeModule(PlanktonModule):
         fusion_top_k: after fitting, a head on the concatenated features of the top-k keys is
             trained with L-BFGS and reported beside the best single key (0 disables it).
         augment: online mode only: flips and 90-degree rotations of the training images.
-        cache_dir: feature cache folder (default ``$PLANKTON_CACHE``).
+        cache_dir: feature cache folder; None: the data's cache folder (``$PLANKTON_CACHE``
+            by default). A path of this machine, so not saved in the checkpoint.
         extract_batch_size: batch size of feature extraction.
         **data: the data's settings (``PlanktonModule``).
     """
 
-    not_saved = ("features",)
+    not_saved = ("features", "cache_dir")
 
     def __init__(
         self,
@@ -97,6 +98,7 @@ class ProbeModule(PlanktonModule):
         if self.solver == "lbfgs" and mode != "cached":
             raise ValueError("solver: lbfgs needs mode: cached (full-batch on stored features)")
         self.decay_grid = _decay_grid(weight_decay, self.solver)
+        self.cache_dir = cache_dir
         self.automatic_optimization = self.solver != "lbfgs"
         self.features = features.requires_grad_(False)
         self.keys: list[FeatureKey] = list(features.keys)
@@ -161,7 +163,7 @@ class ProbeModule(PlanktonModule):
         """All features of ``split`` ``(N, keys, width)``, from the feature cache."""
         if split not in self._cached:
             dataset = self.trainer.datamodule.dataset(split)
-            cache_dir = self.hparams.cache_dir or default_cache_dir()
+            cache_dir = self.feature_cache_dir(self.trainer.datamodule)
             features = load_or_extract(
                 self.features,
                 dataset,
@@ -173,6 +175,10 @@ class ProbeModule(PlanktonModule):
             )
             self._cached[split] = self._stack(features)
         return self._cached[split]
+
+    def feature_cache_dir(self, datamodule: object) -> Path:
+        """Where the features are cached: ``cache_dir``, else the data's cache folder."""
+        return Path(self.cache_dir or getattr(datamodule, "cache_dir", None) or default_cache_dir())
 
     def batch_features(self, batch: tuple, split: str) -> torch.Tensor:
         """``(keys, batch, width)`` float32 features of a batch of ``split``."""
