@@ -148,7 +148,7 @@ def test_an_experiment_runs_any_subset_of_the_registered_baselines(tmp_path, cap
     experiment = Experiment.from_file(subset)
     assert list(experiment.baselines) == ["mae"]
     runner = ExperimentRunner(experiment, tmp_path / "run")
-    assert list(runner.feature_sources("balanced")) == ["diffusion", "mae"]
+    assert list(runner.feature_sources("balanced")) == ["diffusion", "mae", "pixels"]
     assert [row.label for row in table_rows({"baselines": {"mae": {}}})][2:] == ["MAE probe"]
 
     unknown = tmp_path / "unknown.yaml"
