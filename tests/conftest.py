@@ -7,12 +7,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from datamodules import SyntheticPlankton
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPOSITORY.parent / "shared" / "data"
+
+
+def write_class_folders(root: Path, per_class: int) -> Path:
+    """``root/copepod`` and ``root/diatom``, each with ``per_class`` noise PNGs of different
+    sizes (20 to 20 + per_class rows by 30 columns)."""
+    rng = np.random.default_rng(0)
+    for label in ("copepod", "diatom"):
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            image = rng.integers(0, 255, (20 + i, 30), dtype=np.uint8)
+            Image.fromarray(image).save(root / label / f"{i}.png")
+    return root
 
 
 @pytest.fixture(scope="session")

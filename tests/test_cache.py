@@ -2,6 +2,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import write_class_folders
 from PIL import Image
 
 from datamodules.cache import cache_key, load_or_build
@@ -12,14 +13,9 @@ from datamodules.store import ArrayStore
 
 @pytest.fixture
 def folder(tmp_path):
-    rng = np.random.default_rng(0)
-    for label in ("copepod", "diatom"):
-        (tmp_path / "images" / label).mkdir(parents=True)
-        for i in range(5):
-            image = rng.integers(0, 255, (20 + i, 30), dtype=np.uint8)
-            Image.fromarray(image).save(tmp_path / "images" / label / f"{i}.png")
-    (tmp_path / "images" / "diatom" / "broken.png").write_bytes(b"")
-    return tmp_path / "images"
+    root = write_class_folders(tmp_path / "images", per_class=5)
+    (root / "diatom" / "broken.png").write_bytes(b"")
+    return root
 
 
 def _build(folder, cache_dir, settings=None):

@@ -14,8 +14,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import REPOSITORY
-from PIL import Image
+from conftest import REPOSITORY, write_class_folders
 from planted import PlantedFeatures, write_planted_images
 
 from datamodules import PlanktonDataModule
@@ -57,13 +56,7 @@ load_or_extract(Slow(), data.dataset("train"), sys.argv[3], batch_size=2, progre
 
 @pytest.fixture
 def folder(tmp_path):
-    rng = np.random.default_rng(0)
-    for label in ("copepod", "diatom"):
-        (tmp_path / "images" / label).mkdir(parents=True)
-        for i in range(3):
-            image = rng.integers(0, 255, (20 + i, 30), dtype=np.uint8)
-            Image.fromarray(image).save(tmp_path / "images" / label / f"{i}.png")
-    return tmp_path / "images"
+    return write_class_folders(tmp_path / "images", per_class=3)
 
 
 @pytest.fixture(scope="module")
