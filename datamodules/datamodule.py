@@ -126,6 +126,16 @@ class DatasetSummary:
         }
 
 
+def _at_most_per_class(
+    items: list, keys: list[str], labels: list[str], per_class: int, seed: int
+) -> tuple[list, Counter]:
+    """``items`` cut to at most ``per_class`` of each label (``balanced_subset``: the same ones
+    on every run), and the count left out per label."""
+    keep = set(balanced_subset(range(len(items)), keys, labels, per_class, seed))
+    left_out = Counter(label for i, label in enumerate(labels) if i not in keep)
+    return [item for i, item in enumerate(items) if i in keep], left_out
+
+
 @dataclass
 class _Split:
     source: CachedImages
@@ -384,17 +394,13 @@ class PlanktonDataModule(L.LightningDataModule):
         in_distribution = [item for item in in_distribution if item[3] not in dropped]
         capped: Counter = Counter()
         if self.max_class_images is not None:
-            keep = set(
-                balanced_subset(
-                    range(len(in_distribution)),
-                    [record.key for _, _, record, _ in in_distribution],
-                    [label for _, _, _, label in in_distribution],
-                    self.max_class_images,
-                    self.split_seed,
-                )
+            in_distribution, capped = _at_most_per_class(
+                in_distribution,
+                [record.key for _, _, record, _ in in_distribution],
+                [label for _, _, _, label in in_distribution],
+                self.max_class_images,
+                self.split_seed,
             )
-            capped = Counter(item[3] for i, item in enumerate(in_distribution) if i not in keep)
-            in_distribution = [item for i, item in enumerate(in_distribution) if i in keep]
         splits = assign_splits(
             [record.key for _, _, record, _ in in_distribution],
             [label for _, _, _, label in in_distribution],
@@ -427,17 +433,13 @@ class PlanktonDataModule(L.LightningDataModule):
                 if item[2] not in known:
                     excluded[set_name][item[2]] += 1
             if set_name == "train" and self.regime == "balanced":
-                keep = set(
-                    balanced_subset(
-                        range(len(kept)),
-                        [item[3] for item in kept],
-                        [item[2] for item in kept],
-                        self.max_per_class,
-                        self.split_seed,
-                    )
+                kept, unused = _at_most_per_class(
+                    kept,
+                    [item[3] for item in kept],
+                    [item[2] for item in kept],
+                    self.max_per_class,
+                    self.split_seed,
                 )
-                unused = Counter(item[2] for i, item in enumerate(kept) if i not in keep)
-                kept = [item for i, item in enumerate(kept) if i in keep]
             sources = {id(item[0]) for item in kept}
             assert len(sources) <= 1, f"set {set_name} spans several caches"
             chosen[set_name] = _Split(

@@ -360,10 +360,16 @@ def blur_sigmas(image_size: int) -> tuple[float, float]:
     return (0.1, max(0.2, image_size / 64))
 
 
+# The largest image side at which the self-supervised views follow lightly's CIFAR-10 recipe
+# rather than its ImageNet one (no blur; for DINO, no local crops).
+CIFAR_RECIPE_MAX_SIZE = 32
+
+
 def small_image_blur(image_size: int, prob: float) -> float:
-    """``prob``, or none at 32 px and below: lightly's CIFAR-10 benchmark turns the blur off at
-    32 px, where even the smallest blur erases most of an image's detail."""
-    return 0.0 if image_size <= 32 else prob
+    """``prob``, or none at ``CIFAR_RECIPE_MAX_SIZE`` and below: lightly's CIFAR-10 benchmark
+    turns the blur off at 32 px, where even the smallest blur erases most of an image's
+    detail."""
+    return 0.0 if image_size <= CIFAR_RECIPE_MAX_SIZE else prob
 
 
 def eval_view(image_size: int, channels: int) -> View:

@@ -11,7 +11,15 @@ from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
-from datamodules.views import Recipe, View, Views, blur_sigmas, colour_recipe, small_image_blur
+from datamodules.views import (
+    CIFAR_RECIPE_MAX_SIZE,
+    Recipe,
+    View,
+    Views,
+    blur_sigmas,
+    colour_recipe,
+    small_image_blur,
+)
 
 from .collapse import entropy_ratio
 from .self_supervised import SelfSupervisedModule
@@ -109,7 +117,7 @@ class DINOModule(SelfSupervisedModule):
     def train_view(self, image_size: int, channels: int) -> View:
         local_views = self.hparams.n_local_views
         if local_views is None:
-            local_views = 0 if image_size <= 32 else 2
+            local_views = 0 if image_size <= CIFAR_RECIPE_MAX_SIZE else 2
         return dino_view(image_size, channels, local_views)
 
     def encoders(self) -> dict[str, nn.Module]:
