@@ -30,7 +30,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from datamodules import PlanktonDataModule, SyntheticPlankton
 from datamodules.cache import default_cache_dir
-from datamodules.synthetic import DOMAINS, write_dataset
+from datamodules.synthetic import DOMAINS, prior_shift_size, write_dataset
 from lightning_modules import DiffusionModule, load_diffusion
 from lightning_modules.common.figures import save_grid
 from workflows.caches import clean_caches, list_caches
@@ -72,6 +72,13 @@ def data_command(argv: list[str]) -> int:
         default=defaults.ood_fraction,
         help="size of each shifted domain relative to the source",
     )
+    synth.add_argument(
+        "--temporal-prior-shift",
+        type=float,
+        default=defaults.temporal_prior_shift,
+        help="how far the temporal set's class priors move from the source's, from 0 (the same) "
+        "to 1 (the most common classes rotated away)",
+    )
     synth.add_argument("--seed", type=int, default=defaults.seed)
 
     inspect = commands.add_parser("inspect", help="scan a dataset as the DataModule would")
@@ -89,10 +96,16 @@ def data_command(argv: list[str]) -> int:
             size=args.size,
             domains=[d.strip() for d in args.domains.split(",") if d.strip()],
             ood_fraction=args.ood_fraction,
+            temporal_prior_shift=args.temporal_prior_shift,
             seed=args.seed,
         )
         manifest = write_dataset(spec, args.out)
-        print(f"wrote {manifest}")
+        shift = (
+            f"; temporal class-prior shift {prior_shift_size(spec):.3f} (half L1 from the source)"
+            if "temporal" in spec.domains
+            else ""
+        )
+        print(f"wrote {manifest}{shift}")
         return 0
 
     datamodule = (

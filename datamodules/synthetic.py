@@ -7,7 +7,9 @@ position, blur, brightness, sensor noise, debris) that a linear model on raw pix
 
 Domains model the distribution shifts ecologists meet:
 - ``source``: the training instrument and season (bright objects on a dark background);
-- ``temporal``: another season, with other class priors and a mild drift in size and focus;
+- ``temporal``: another season, with a mild drift in size and focus and class priors moved from the
+  source's by a chosen amount (``temporal_prior_shift``; ``prior_shift_size`` measures it), so that
+  abundance estimators can be checked against a known truth;
 - ``geographic``: another site and instrument, with changed morphology within each class and
   another camera (dark objects on a light background, lower contrast, more noise).
 """
@@ -157,13 +159,64 @@ def class_frequencies(num_classes: int, per_class: int, imbalance: float) -> lis
 
 
 def _domain_counts(domain: str, spec: SyntheticPlankton) -> list[int]:
+    source = class_frequencies(spec.classes, spec.per_class, spec.imbalance)
     if domain == "source":
-        return class_frequencies(spec.classes, spec.per_class, spec.imbalance)
+        return source
     per_class = max(2, round(spec.per_class * spec.ood_fraction))
     counts = class_frequencies(spec.classes, per_class, spec.imbalance)
     # Another season or site has other dominant taxa: rotate which classes are common.
     shift = spec.classes // 3 if domain == "temporal" else spec.classes // 2
-    return counts[-shift:] + counts[:-shift] if shift else counts
+    rotated = counts[-shift:] + counts[:-shift] if shift else counts
+    if domain == "geographic":
+        return rotated
+    # The season's priors lie between the source's and the rotated ones, and the set keeps its
+    # size at every setting, so that only the priors change. At 1 the fractions are exactly the
+    # rotated counts' and the apportioning gives those counts back, as before the setting existed.
+    mix = spec.temporal_prior_shift
+    fractions = (1 - mix) * _normalised(source) + mix * _normalised(rotated)
+    return _apportion(sum(counts), fractions)
+
+
+def _normalised(counts: Sequence[int]) -> np.ndarray:
+    return np.asarray(counts, float) / sum(counts)
+
+
+def _apportion(total: int, fractions: np.ndarray) -> list[int]:
+    """``total`` images split in proportion to ``fractions`` by largest remainders, so that they
+    add up to ``total``. Every class must appear in every domain, so a class left empty then takes
+    one image from the class furthest above its share; in a set of few images per class that can
+    move the fractions by more than one image's worth."""
+    exact = total * fractions
+    counts = np.floor(exact).astype(int)
+    # Stable order: ties go to the lower class index, so the counts never depend on the platform.
+    counts[np.argsort(counts - exact, kind="stable")[: total - counts.sum()]] += 1
+    for empty in np.flatnonzero(counts == 0):
+        donors = np.flatnonzero(counts > 1)
+        counts[donors[np.argmax((counts - exact)[donors])]] -= 1
+        counts[empty] = 1
+    return counts.tolist()
+
+
+def domain_counts(spec: SyntheticPlankton) -> dict[str, list[int]]:
+    """Images per class (in class order) of every domain that ``spec`` generates."""
+    return {d: _domain_counts(d, spec) for d in DOMAINS if d in spec.domains}
+
+
+def domain_fractions(spec: SyntheticPlankton) -> dict[str, list[float]]:
+    """The true class priors of every domain that ``spec`` generates: each class's fraction of
+    the domain's images, in class order."""
+    return {d: (np.asarray(c) / sum(c)).tolist() for d, c in domain_counts(spec).items()}
+
+
+def prior_shift_size(spec: SyntheticPlankton, domain: str = "temporal") -> float:
+    """How far ``domain``'s class priors lie from the source's: half the L1 distance between the
+    two, the fraction of images that would have to change class (0 = the same priors, 1 = no
+    class in common)."""
+    fractions = domain_fractions(spec)
+    if domain not in fractions:
+        raise ValueError(f"domain {domain!r} is not among this dataset's domains {spec.domains}")
+    source, shifted = np.asarray(fractions["source"]), np.asarray(fractions[domain])
+    return float(np.abs(source - shifted).sum() / 2)
 
 
 class _Canvas:
@@ -321,6 +374,10 @@ class SyntheticPlankton:
         size: side of the generated images in pixels.
         domains: which of ``source``, ``temporal``, ``geographic`` to generate.
         ood_fraction: size of a shifted domain relative to the source, per class.
+        temporal_prior_shift: how far the temporal domain's class priors move from the source's,
+            from 0 (the source's fractions) to 1 (the most common classes rotated away); the
+            temporal set's fractions are that mixture of the two, and ``prior_shift_size`` gives
+            the resulting distance. Every class keeps at least one image.
         seed: seed of the individuals (the morphotypes themselves never change).
     """
 
@@ -330,6 +387,7 @@ class SyntheticPlankton:
     size: int = 64
     domains: Sequence[str] = field(default_factory=lambda: list(DOMAINS))
     ood_fraction: float = 0.3
+    temporal_prior_shift: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -343,6 +401,10 @@ class SyntheticPlankton:
             raise ValueError(f"size must be at least 16 pixels, got {self.size}")
         if self.per_class < 1:
             raise ValueError(f"per_class must be at least 1, got {self.per_class}")
+        if not 0 <= self.temporal_prior_shift <= 1:
+            raise ValueError(
+                f"temporal_prior_shift must be between 0 and 1, got {self.temporal_prior_shift}"
+            )
 
     def fingerprint(self) -> str:
         """A short hash of every setting: the name of this dataset's cache folder."""
@@ -369,6 +431,8 @@ def write_dataset(spec: SyntheticPlankton, out: str | Path, progress: bool = Tru
 
     The source domain has an empty ``split`` (the DataModule splits it); the shifted domains carry
     their own name as ``split``, which the DataModule reads as out-of-distribution test sets.
+    Beside the manifest, ``settings.json`` holds ``spec`` and ``class_fractions.json`` the true
+    images per class, class fractions and prior shift size (``prior_shift_size``) of every domain.
     The folder appears complete or not at all: it is written under a temporary name and renamed.
     """
     out = Path(out)
@@ -377,7 +441,8 @@ def write_dataset(spec: SyntheticPlankton, out: str | Path, progress: bool = Tru
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        total = sum(sum(_domain_counts(d, spec)) for d in spec.domains)
+        counts = domain_counts(spec)
+        total = sum(map(sum, counts.values()))
         rows = []
         images = tqdm(
             generate_images(spec), total=total, desc="synthetic plankton", disable=not progress
@@ -392,6 +457,18 @@ def write_dataset(spec: SyntheticPlankton, out: str | Path, progress: bool = Tru
             writer.writerow(["path", "label", "split", "domain"])
             writer.writerows(rows)
         (staging / "settings.json").write_text(json.dumps(asdict(spec), indent=2))
+        # The true priors, for scoring abundance estimates without recounting the manifest.
+        names = [m.name for m in morphotypes(spec.classes)]
+        fractions = domain_fractions(spec)
+        truth = {
+            domain: {
+                "counts": dict(zip(names, counts[domain], strict=True)),
+                "fractions": dict(zip(names, fractions[domain], strict=True)),
+                "prior_shift": prior_shift_size(spec, domain),
+            }
+            for domain in counts
+        }
+        (staging / "class_fractions.json").write_text(json.dumps(truth, indent=2))
         if out.exists():
             out.rmdir()
         os.replace(staging, out)

@@ -1,20 +1,29 @@
 import csv
+import json
+from collections import Counter
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from cli import main
 from datamodules.synthetic import (
     APPEARANCES,
     SyntheticPlankton,
     _distance,
     _taxonomy,
     class_frequencies,
+    domain_counts,
+    domain_fractions,
     ensure_dataset,
     generate_images,
     morphotypes,
+    prior_shift_size,
     write_dataset,
 )
+
+# Counts need no rendering, so the prior tests can afford the demo's sizes.
+DEMO_COUNTS = {"classes": 12, "per_class": 300, "imbalance": 10.0, "ood_fraction": 0.3}
 
 
 def test_siblings_differ_in_one_trait_and_families_in_several():
@@ -95,6 +104,8 @@ def test_ensure_dataset_generates_once(tmp_path, tiny_spec):
         ({"domains": ["temporal"]}, "domains"),
         ({"size": 8}, "size"),
         ({"per_class": 0}, "per_class"),
+        ({"temporal_prior_shift": -0.1}, "temporal_prior_shift"),
+        ({"temporal_prior_shift": 1.5}, "temporal_prior_shift"),
     ],
 )
 def test_bad_settings_name_the_option(settings, option):
@@ -105,3 +116,75 @@ def test_bad_settings_name_the_option(settings, option):
 def test_asking_for_too_many_classes_says_how_many_exist():
     with pytest.raises(ValueError, match=f"between 2 and {len(_taxonomy())}"):
         morphotypes(len(_taxonomy()) + 1)
+
+
+@pytest.mark.parametrize("settings", [DEMO_COUNTS, {"classes": 5, "per_class": 40}])
+def test_no_prior_shift_keeps_the_source_priors(settings):
+    spec = SyntheticPlankton(**settings, temporal_prior_shift=0.0)
+    fractions = domain_fractions(spec)
+    # Whole images: each fraction is within one image of the source's.
+    rounding = 1 / sum(domain_counts(spec)["temporal"])
+    assert fractions["temporal"] == pytest.approx(fractions["source"], abs=rounding)
+    assert prior_shift_size(spec) <= spec.classes * rounding / 2
+
+
+def test_every_class_appears_in_a_tiny_shifted_set():
+    # 6 temporal images for 5 classes: the tail classes' shares round to none.
+    specs = [SyntheticPlankton(classes=5, per_class=7, temporal_prior_shift=s) for s in (0, 0.5, 1)]
+    counts = [domain_counts(spec)["temporal"] for spec in specs]
+    assert all(min(c) == 1 and sum(c) == 6 for c in counts)
+    assert counts[0] == [2, 1, 1, 1, 1]
+
+
+def test_prior_shift_grows_with_the_setting_and_keeps_the_set_size():
+    settings = [0.0, 0.25, 0.5, 0.75, 1.0]
+    specs = [SyntheticPlankton(**DEMO_COUNTS, temporal_prior_shift=s) for s in settings]
+    sizes = [prior_shift_size(spec) for spec in specs]
+    assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
+    # The fractions are a mixture, so the distance grows linearly, up to whole images.
+    assert sizes == pytest.approx([s * sizes[-1] for s in settings], abs=0.01)
+    assert len({sum(domain_counts(spec)["temporal"]) for spec in specs}) == 1
+    # The geographic set does not depend on the temporal setting.
+    assert len({tuple(domain_counts(spec)["geographic"]) for spec in specs}) == 1
+
+
+def test_default_prior_shift_keeps_the_counts_from_before_the_setting():
+    # Until the setting existed the temporal set was the power law rotated by a third.
+    spec = SyntheticPlankton(**DEMO_COUNTS)
+    counts = class_frequencies(spec.classes, round(spec.per_class * spec.ood_fraction), 10.0)
+    third = spec.classes // 3
+    assert domain_counts(spec)["temporal"] == counts[-third:] + counts[:-third]
+
+
+def test_manifest_and_class_fractions_file_hold_the_true_priors(tmp_path):
+    spec = SyntheticPlankton(
+        classes=4, per_class=8, size=16, domains=["source", "temporal"], temporal_prior_shift=0.5
+    )
+    manifest = write_dataset(spec, tmp_path / "synth", progress=False)
+    rows = list(csv.DictReader(open(manifest)))
+    names = [m.name for m in morphotypes(spec.classes)]
+    truth = json.loads((manifest.parent / "class_fractions.json").read_text())
+    for domain, fractions in domain_fractions(spec).items():
+        found = Counter(r["label"] for r in rows if r["domain"] == domain)
+        total = sum(found.values())
+        assert [found[name] / total for name in names] == pytest.approx(fractions)
+        assert list(truth[domain]["fractions"].values()) == pytest.approx(fractions)
+        assert truth[domain]["counts"] == {name: found[name] for name in names}
+    assert truth["temporal"]["prior_shift"] == pytest.approx(prior_shift_size(spec))
+    assert truth["source"]["prior_shift"] == 0
+
+
+def test_cli_passes_the_prior_shift_and_prints_its_size(tmp_path, capsys):
+    out = tmp_path / "synth"
+    options = "--classes 3 --per-class 4 --size 16 --domains source,temporal"
+    code = main(
+        ["data", "synth", "--out", str(out), *options.split(), "--temporal-prior-shift", "0.4"]
+    )
+    assert code == 0
+    spec = SyntheticPlankton(**json.loads((out / "settings.json").read_text()))
+    assert spec.temporal_prior_shift == 0.4
+    assert f"temporal class-prior shift {prior_shift_size(spec):.3f}" in capsys.readouterr().out
+    assert (
+        main(["data", "synth", "--out", str(tmp_path / "bad"), "--temporal-prior-shift", "2"]) == 2
+    )
+    assert "temporal_prior_shift must be between 0 and 1" in capsys.readouterr().err
