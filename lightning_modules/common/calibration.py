@@ -1,0 +1,169 @@
+"""Calibrated probabilities and the rejection of uncertain images as "unknown".
+
+A classifier trained with cross-entropy is usually overconfident, so its raw softmax is a poor
+basis for a confidence threshold or for quantification methods that read probabilities (PACC,
+EMQ). One scalar temperature fitted on the validation split fixes most of that without changing
+any prediction; the rejection threshold is then chosen on the calibrated maximum probability.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.functional.classification import multiclass_calibration_error
+
+
+def _check_scores(scores: torch.Tensor, labels: torch.Tensor, name: str) -> None:
+    if scores.ndim != 2:
+        raise ValueError(f"{name} must have shape (N, C), got {tuple(scores.shape)}")
+    if labels.shape != (scores.shape[0],):
+        raise ValueError(
+            f"labels must have shape ({scores.shape[0]},) to match {name} of shape "
+            f"{tuple(scores.shape)}, got {tuple(labels.shape)}"
+        )
+    if scores.shape[0] == 0:
+        raise ValueError(f"{name} is empty: at least one image is needed")
+
+
+def _check_probs(probs: torch.Tensor, labels: torch.Tensor) -> None:
+    _check_scores(probs, labels, "probs")
+    # torchmetrics silently softmaxes anything outside [0, 1]; logits passed by mistake would
+    # then give a plausible but wrong number instead of an error.
+    if probs.min() < 0 or probs.max() > 1:
+        raise ValueError("probs must be probabilities in [0, 1], not logits")
+
+
+def calibrate(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Calibrated class probabilities ``softmax(logits / temperature)``, shape ``(N, C)``."""
+    return F.softmax(logits / temperature, dim=-1)
+
+
+def negative_log_likelihood(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+) -> float:
+    """Mean cross-entropy of ``logits / temperature`` against ``labels`` (the quantity that
+    temperature scaling minimises, so the one to compare before and after)."""
+    _check_scores(logits, labels, "logits")
+    return F.cross_entropy(logits.double() / temperature, labels.long()).item()
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature ``T > 0`` minimising the mean cross-entropy of ``logits / T``.
+
+    Temperature scaling, Guo et al. 2017, "On Calibration of Modern Neural Networks". Fit it
+    on held-out (validation) logits: a temperature fitted on training logits only learns how
+    well the model memorised them. Dividing by a positive scalar never changes the argmax, so
+    accuracy is untouched. ``log T`` is optimised so that T stays positive without a
+    constraint, in float64 so the strong-Wolfe line search is not limited by rounding.
+
+    Args:
+        logits: ``(N, C)`` pre-softmax scores.
+        labels: ``(N,)`` true class indices.
+
+    Returns:
+        The fitted temperature (> 1 when the model was overconfident).
+    """
+    _check_scores(logits, labels, "logits")
+    logits = logits.detach().double()
+    labels = labels.long()
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=1.0, max_iter=50, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return log_t.detach().exp().item()
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """Expected calibration error (L1, equal-width bins on the maximum probability), as
+    torchmetrics computes it (Naeini et al. 2015; Guo et al. 2017): the count-weighted mean
+    gap between confidence and accuracy."""
+    _check_probs(probs, labels)
+    return multiclass_calibration_error(
+        probs.float(), labels.long(), num_classes=probs.shape[1], n_bins=bins, norm="l1"
+    ).item()
+
+
+@dataclass(frozen=True)
+class RejectionThreshold:
+    """A threshold on the maximum calibrated probability below which an image is "unknown".
+
+    Attributes:
+        threshold: accept an image when its maximum probability is ``>= threshold``; 0 accepts
+            every image.
+        precision: accuracy of the accepted images on the split it was chosen on.
+        coverage: fraction of that split's images accepted.
+        target_precision: the precision that was asked for; ``precision < target_precision``
+            means no threshold reached it.
+    """
+
+    threshold: float
+    precision: float
+    coverage: float
+    target_precision: float
+
+
+def choose_rejection_threshold(
+    probs: torch.Tensor, labels: torch.Tensor, target_precision: float = 0.9
+) -> RejectionThreshold:
+    """The lowest threshold on the maximum probability whose accepted images reach
+    ``target_precision`` accuracy, so that as many images as possible are kept (selective
+    classification, Geifman & El-Yaniv 2017).
+
+    The candidates are the distinct maximum probabilities of ``probs``: between two of them the
+    accepted set does not change. Precision need not fall monotonically as the threshold is
+    lowered, so every candidate is checked rather than stopping at the first failure. When the
+    lowest candidate qualifies the threshold is reported as 0 (accept all), so that images less
+    confident than any seen here are not rejected by accident.
+
+    When no threshold reaches the target, the one with the highest precision (the lowest of
+    those, for coverage) is returned and its ``precision`` is below ``target_precision``:
+    callers must check that rather than expect an error.
+
+    Args:
+        probs: ``(N, C)`` calibrated probabilities of a held-out split.
+        labels: ``(N,)`` true class indices.
+        target_precision: the accuracy wanted among accepted images, in ``[0, 1]``.
+    """
+    _check_probs(probs, labels)
+    if not 0.0 <= target_precision <= 1.0:
+        raise ValueError(f"target_precision must be in [0, 1], got {target_precision}")
+    confidence, predicted = probs.double().max(dim=1)
+    correct = (predicted == labels.long()).double()
+    order = torch.argsort(confidence, descending=True)
+    confidence, correct = confidence[order], correct[order]
+    accepted = torch.arange(1, len(confidence) + 1, dtype=torch.float64)
+    precision = correct.cumsum(0) / accepted
+    # Ties share one threshold, so only the last position of each run of equal confidences is
+    # a candidate (accepting part of a tie is not expressible as a threshold).
+    last_of_tie = torch.ones_like(confidence, dtype=torch.bool)
+    last_of_tie[:-1] = confidence[:-1] != confidence[1:]
+    candidates = torch.nonzero(last_of_tie).squeeze(1)
+    reaching = candidates[precision[candidates] >= target_precision]
+    if len(reaching):
+        chosen = reaching[-1]
+    else:
+        best = precision[candidates].max()
+        chosen = candidates[precision[candidates] == best][-1]
+    threshold = 0.0 if chosen == len(confidence) - 1 else confidence[chosen].item()
+    return RejectionThreshold(
+        threshold=threshold,
+        precision=precision[chosen].item(),
+        coverage=accepted[chosen].item() / len(confidence),
+        target_precision=target_precision,
+    )
+
+
+def reject(probs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``(N,)`` boolean mask of the images to report as "unknown": maximum probability below
+    ``threshold``."""
+    if probs.ndim != 2:
+        raise ValueError(f"probs must have shape (N, C), got {tuple(probs.shape)}")
+    return probs.max(dim=1).values < threshold
