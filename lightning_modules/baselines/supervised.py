@@ -8,7 +8,12 @@ from torch import nn
 
 from datamodules.views import Recipe, View, Views
 
-from ..common.classification_metrics import EvalSetClassifier, classification_metrics, loggable
+from ..common.classification_metrics import (
+    CalibratedClassifier,
+    EvalSetClassifier,
+    classification_metrics,
+    loggable,
+)
 from ..common.schedules import scaled_lr, warmup_cosine
 from .backbones import PooledFeatures, create_backbone
 
@@ -26,7 +31,7 @@ def supervised_view(image_size: int, channels: int) -> View:
     return Views(((recipe, 1),), as_list=False)
 
 
-class SupervisedModule(EvalSetClassifier):
+class SupervisedModule(CalibratedClassifier, EvalSetClassifier):
     """Cross-entropy classifier on a timm backbone, with the suite's metrics on every eval set.
 
     Args:

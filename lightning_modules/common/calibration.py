@@ -8,11 +8,18 @@ any prediction; the rejection threshold is then chosen on the calibrated maximum
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torchmetrics.functional.classification import multiclass_calibration_error
+
+from .abundance import Quantifier
+
+# Precision wanted among the images a classifier accepts; the rest are "unknown".
+DEFAULT_TARGET_PRECISION = 0.9
 
 
 def _check_scores(scores: torch.Tensor, labels: torch.Tensor, name: str) -> None:
@@ -167,3 +174,93 @@ def reject(probs: torch.Tensor, threshold: float) -> torch.Tensor:
     if probs.ndim != 2:
         raise ValueError(f"probs must have shape (N, C), got {tuple(probs.shape)}")
     return probs.max(dim=1).values < threshold
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What a classifier learned about its own probabilities on the validation split, stored in
+    its checkpoint: the temperature that calibrates them, the calibration error before and after,
+    the rejection threshold, and the quantifier that corrects counts for a change of class priors.
+    Labels are read only here, for the classifier's own monitoring and selection."""
+
+    temperature: float
+    ece_before: float
+    ece_after: float
+    nll_before: float
+    nll_after: float
+    rejection: RejectionThreshold
+    quantifier: Quantifier
+
+    @classmethod
+    def fit(
+        cls,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        train_counts: torch.Tensor,
+        target_precision: float = DEFAULT_TARGET_PRECISION,
+    ) -> Calibration:
+        """Fit on the validation split's ``(N, C)`` logits and labels; ``train_counts`` are the
+        training images per class, the priors the classifier's posteriors reflect (EMQ)."""
+        logits, labels = logits.detach().double().cpu(), labels.detach().long().cpu()
+        temperature = fit_temperature(logits, labels)
+        before, after = F.softmax(logits, dim=-1), calibrate(logits, temperature)
+        return cls(
+            temperature=temperature,
+            ece_before=expected_calibration_error(before, labels),
+            ece_after=expected_calibration_error(after, labels),
+            nll_before=negative_log_likelihood(logits, labels),
+            nll_after=negative_log_likelihood(logits, labels, temperature),
+            rejection=choose_rejection_threshold(after, labels, target_precision),
+            # A class with no training image cannot be a prior of zero: EMQ divides by it.
+            quantifier=Quantifier.fit(
+                after.numpy(), labels.numpy(), train_counts.double().clamp(min=1).numpy()
+            ),
+        )
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated class probabilities of ``(N, C)`` logits."""
+        return calibrate(logits.float(), self.temperature)
+
+    def to_dict(self) -> dict:
+        """Plain values only: checkpoints are read with ``torch.load(weights_only=True)``."""
+        return {
+            "temperature": self.temperature,
+            "ece_before": self.ece_before,
+            "ece_after": self.ece_after,
+            "nll_before": self.nll_before,
+            "nll_after": self.nll_after,
+            "rejection": asdict(self.rejection),
+            "quantifier": self.quantifier.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, state: Mapping) -> Calibration:
+        fields = {k: state[k] for k in ("temperature", "ece_before", "ece_after", "nll_before",
+                                        "nll_after")}  # fmt: skip
+        return cls(
+            **fields,
+            rejection=RejectionThreshold(**state["rejection"]),
+            quantifier=Quantifier.from_dict(state["quantifier"]),
+        )
+
+
+class MissingCalibrationError(ValueError):
+    """A checkpoint written before classifiers stored their calibration."""
+
+
+def checkpoint_calibrations(checkpoint: Mapping, path: str | Path) -> dict[str, Calibration]:
+    """The calibrations a classifier checkpoint holds: ``classify`` (what ``classify`` returns)
+    and, for a probe, ``fusion``.
+
+    Raises:
+        MissingCalibrationError: the checkpoint has none; the message names the command that
+            adds it.
+    """
+    stored = checkpoint.get("calibration")
+    if not stored:
+        raise MissingCalibrationError(
+            f"{path} holds no calibration (temperature, validation confusion, rejection "
+            "threshold): it was written before the suite stored them. Add them by testing it "
+            f"once: plankton test --config <its config> --ckpt_path {path}"
+        )
+    return {name: Calibration.from_dict(state) for name, state in stored.items()}

@@ -17,7 +17,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
@@ -25,7 +24,7 @@ from datamodules.cache import default_cache_dir
 from datamodules.store import write_csv_atomic
 from datamodules.views import View
 
-from ..common.module import PlanktonModule
+from ..common.classification_metrics import CalibratedClassifier
 from ..diffusion.module import diffusion_view
 from .feature_cache import load_or_extract
 from .features import FeatureKey, FeatureSource
@@ -38,7 +37,7 @@ RESULT_COLUMNS = ["layer", "timestep", "split", "accuracy", "macro_f1", "converg
 LBFGS_DECAY_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
-class ProbeModule(PlanktonModule):
+class ProbeModule(CalibratedClassifier):
     """Linear probes for every key of ``features``, selected on validation.
 
     Args:
@@ -386,7 +385,8 @@ class ProbeModule(PlanktonModule):
         return GridScores(self.val_acc, self.val_macro_f1)
 
     def on_train_end(self) -> None:
-        """Fit the fusion head, then write it into every checkpoint callback's last checkpoint.
+        """Fit the fusion head, then calibrate every head ``plankton classify`` may use and
+        write both into the last checkpoint (``CalibratedClassifier``).
 
         The callbacks saved ``last.ckpt`` before this hook (at the end of the last epoch), so
         without the re-save a test of it would score a fusion head of zeros. Here rather than in
@@ -395,15 +395,17 @@ class ProbeModule(PlanktonModule):
         keys by the last validation, and fitting it every epoch would cost a full pass over the
         training features each time.
         """
-        if not len(self.fusion_keys):
-            return
-        self._fit_fusion()
-        for callback in self.trainer.checkpoint_callbacks:
-            if isinstance(callback, ModelCheckpoint) and callback.last_model_path:
-                # Every rank takes part; rank 0 writes.
-                self.trainer.save_checkpoint(
-                    callback.last_model_path, weights_only=callback.save_weights_only
-                )
+        if len(self.fusion_keys):
+            self._fit_fusion()
+        super().on_train_end()
+
+    def validation_logits(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The validation logits of the best key (what ``classify`` returns) and of the fusion."""
+        x, labels = self._collect("val")
+        logits = {"classify": self.logits(x)[self.best_index]}
+        if len(self.fusion_keys):
+            logits["fusion"] = self.fusion_logits(x)
+        return logits, labels
 
     def on_fit_end(self) -> None:
         folder = self.output_dir()  # on every rank: finding the log folder is collective
@@ -443,6 +445,7 @@ class ProbeModule(PlanktonModule):
         return self.trainer.datamodule.eval_set_names
 
     def on_test_start(self) -> None:
+        super().on_test_start()
         self.features.eval()
         names = self.eval_set_names()
         if self.hparams.mode == "cached":
@@ -489,17 +492,19 @@ class ProbeModule(PlanktonModule):
         return self.logits(stacked.to(self.device, torch.float32).transpose(0, 1))[self.best_index]
 
     def predict_step(self, batch: tuple, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
-        """Class probabilities of the best key. A cached probe reads the split's feature cache
-        (``test`` has been extracted once already); otherwise the batch's split indices key the
-        noise, as in the cache, so an image gets the features it had in ``test``."""
+        """Calibrated class probabilities of the best key. A cached probe reads the split's
+        feature cache (``test`` has been extracted once already); otherwise the batch's split
+        indices key the noise, as in the cache, so an image gets the features it had in
+        ``test``."""
         if self.hparams.mode == "cached":
             x = self.batch_features(batch, self.trainer.datamodule.predict_set)
-            return self.logits(x)[self.best_index].softmax(dim=-1)
-        return self.classify(batch[0], batch[2]).softmax(dim=-1)
+            return self.probabilities(self.logits(x)[self.best_index])
+        return self.probabilities(self.classify(batch[0], batch[2]))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """How to rebuild the feature source, so ``plankton classify`` can read the probe alone
         (plain values only: the checkpoint stays readable with ``weights_only=True``)."""
+        super().on_save_checkpoint(checkpoint)
         if self.features.init_args is not None:
             checkpoint["feature_source"] = {
                 "class_path": f"lightning_modules.{type(self.features).__name__}",
