@@ -72,6 +72,16 @@ def test_smoke_experiment_killed_mid_stage_resumes_and_reports_every_method(tmp_
         ["acc", "macro_f1"],
     )  # fmt: skip
     assert found == set(expected)
+    # Every classifier calibrated on validation, and counted on every labelled set.
+    for run, heads in (("supervised_long_tailed", {"classify"}),
+                       ("probe_diffusion_long_tailed", {"classify", "fusion"})):  # fmt: skip
+        result = json.loads((out / "runs" / run / "results.json").read_text())
+        assert set(result["calibration"]) == heads
+        assert all(c["temperature"] > 0 for c in result["calibration"].values())
+        assert set(result["abundance"]) == {"test", "geographic", "temporal"}
+        for counted in result["abundance"].values():
+            assert set(counted["error"]) == {"cc", "acc", "pacc", "emq"}
+            assert sum(counted["true"]) == pytest.approx(1.0)
     report = (out / "report.md").read_text()
     assert "Not in the tables" not in report
     for row in rows:

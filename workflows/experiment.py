@@ -34,6 +34,7 @@ from lightning.pytorch.callbacks import Timer
 from datamodules import PlanktonDataModule
 from datamodules.store import write_text_atomic
 from lightning_modules import BASELINES, METHODS, load_diffusion
+from lightning_modules.common.abundance import abundance_errors
 from lightning_modules.common.figures import save_grid
 from lightning_modules.common.flops import StepFlops
 
@@ -457,11 +458,12 @@ class ExperimentRunner:
         trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
         trainer.test(model, datamodule, verbose=False)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "/f1/" not in k}
-        batches = trainer.predict(model, datamodule)
-        probabilities = torch.cat(batches).float().numpy()
-        labels = np.asarray(datamodule.dataset(datamodule.predict_set).labels)
+        predictions = {name: self._predict(trainer, model, datamodule, name)
+                       for name in datamodule.eval_set_names}  # fmt: skip
+        probabilities, labels = predictions["test"]
         folder = self.out / "runs" / run
         np.savez(folder / "test_predictions.npz", probabilities=probabilities, labels=labels)
+        calibration = model.calibrations["classify"]
         best_key = getattr(model, "best_key", None)
         write_json(
             folder / "results.json",
@@ -473,8 +475,27 @@ class ExperimentRunner:
                 "train_counts": datamodule.class_counts.tolist(),
                 "metrics": metrics,
                 "best_key": list(best_key) if best_key is not None else None,
+                # Fitted on validation; a probe's fusion head is calibrated too.
+                "calibration": {
+                    head: {k: v for k, v in c.to_dict().items() if k != "quantifier"}
+                    for head, c in model.calibrations.items()
+                },
+                # The classifier's counts on every labelled set against its true class mix.
+                "abundance": {
+                    name: abundance_errors(calibration.quantifier, *predictions[name])
+                    for name in datamodule.eval_set_names
+                },
             },
         )
+
+    @staticmethod
+    def _predict(
+        trainer: L.Trainer, model: object, datamodule: PlanktonDataModule, name: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated probabilities and labels of the eval set ``name``."""
+        datamodule.predict_set = name
+        probabilities = torch.cat(trainer.predict(model, datamodule)).float().numpy()
+        return probabilities, np.asarray(datamodule.dataset(name).labels)
 
     def stage_clustering(self) -> None:
         experiment = self.experiment

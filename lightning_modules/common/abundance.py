@@ -243,3 +243,18 @@ def half_l1(true_fractions: np.ndarray, estimated: np.ndarray) -> float:
             f"and {estimated.shape}"
         )
     return 0.5 * float(np.abs(true_fractions - estimated).sum())
+
+
+def abundance_errors(quantifier: Quantifier, probs: np.ndarray, labels: np.ndarray) -> dict:
+    """Every estimator against the true class fractions of a labelled set (an experiment's
+    out-of-distribution sets): ``images``, ``true`` fractions, ``estimates`` and ``error`` (half
+    L1) per estimator, as plain values."""
+    labels = np.asarray(labels, dtype=np.int64)
+    true = np.bincount(labels, minlength=quantifier.num_classes) / max(len(labels), 1)
+    estimates = {method: quantifier.estimate(probs, method) for method in ESTIMATORS}
+    return {
+        "images": len(labels),
+        "true": true.tolist(),
+        "estimates": {method: fractions.tolist() for method, fractions in estimates.items()},
+        "error": {method: half_l1(true, fractions) for method, fractions in estimates.items()},
+    }
