@@ -15,13 +15,21 @@ from sklearn.metrics import confusion_matrix, f1_score
 
 from datamodules.store import write_csv_atomic, write_text_atomic
 from lightning_modules import BASELINES, METHODS, load_diffusion
-from lightning_modules.common.figures import confusion_figure, save_figure
+from lightning_modules.common.abundance import ESTIMATORS, half_l1
+from lightning_modules.common.figures import abundance_figure, confusion_figure, save_figure
 
 from .experiment import STAGES
 
 PER_CLASS_SHOWN = 5
 # The floor every learned feature must clear: the probe of `probes: {pixels: ...}`.
 PIXELS_ROW = "raw pixels (logistic regression)"
+# The columns of results.csv: a record's score, then its head's calibration and its counts
+# (empty in runs written before classifiers were calibrated).
+COLUMNS = (
+    "regime", "method", "eval_set", "metric", "value", "drop_from_test", "key",
+    "val_ece_before", "val_ece_after", *(f"count_error_{m}" for m in ESTIMATORS),
+    "class_mix_shift",
+)  # fmt: skip
 
 
 class Row(NamedTuple):
@@ -35,6 +43,10 @@ class Row(NamedTuple):
 
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _regimes(experiment: dict) -> list[str]:
+    return experiment.get("regimes", ["balanced", "long_tailed"])
 
 
 def experiment_baselines(experiment: dict) -> list[str]:
@@ -59,17 +71,50 @@ def table_rows(experiment: dict) -> list[Row]:
     return rows
 
 
+def _head(row: Row) -> str:
+    """The head of a run whose scores ``row`` shows, as ``results.json`` names its calibration:
+    a probe's ``fusion``, or ``classify`` (a probe's best key, an end-to-end network)."""
+    return "fusion" if row.metric_prefix == "fusion_" else "classify"
+
+
+def _train_fractions(results: dict) -> np.ndarray:
+    counts = np.asarray(results["train_counts"], dtype=np.float64)
+    return counts / counts.sum()
+
+
+def _rounded(value: float | None) -> float | None:
+    return round(value, 4) if value is not None else None
+
+
+def _calibration_fields(results: dict, head: str, eval_set: str) -> dict:
+    """A record's validation ECE of its head, the half-L1 error of every estimator's counts on
+    ``eval_set`` (only for the classify head: the counts are computed with it) and how far that
+    set's class mix is from training; None where the run predates calibration."""
+    calibration = (results.get("calibration") or {}).get(head, {})
+    abundance = (results.get("abundance") or {}).get(eval_set)
+    errors = abundance["error"] if abundance and head == "classify" else {}
+    shift = half_l1(abundance["true"], _train_fractions(results)) if abundance else None
+    return {
+        "val_ece_before": _rounded(calibration.get("ece_before")),
+        "val_ece_after": _rounded(calibration.get("ece_after")),
+        **{f"count_error_{m}": _rounded(errors.get(m)) for m in ESTIMATORS},
+        "class_mix_shift": _rounded(shift),
+    }
+
+
 def collect_results(run_dir: Path) -> list[dict]:
-    """One record per (regime, method, eval set, metric), with the drop from the test split."""
+    """One record per (regime, method, eval set, metric), with the drop from the test split, the
+    validation ECE of the method's head and the errors of its counts on the eval set."""
     experiment = _read_json(run_dir / "experiment.json")
     records = []
-    for regime in experiment.get("regimes", ["balanced", "long_tailed"]):
-        for row, prefix, metric_prefix in table_rows(experiment):
-            results = _read_json(run_dir / "runs" / f"{prefix}_{regime}" / "results.json")
+    for regime in _regimes(experiment):
+        for row in table_rows(experiment):
+            results = _read_json(run_dir / "runs" / f"{row.run}_{regime}" / "results.json")
             if not results:
                 continue
-            metrics = results["metrics"]
+            metrics, metric_prefix = results["metrics"], row.metric_prefix
             for eval_set in results["eval_sets"]:
+                calibration = _calibration_fields(results, _head(row), eval_set)
                 for metric in ("acc", "macro_f1"):
                     value = metrics.get(f"{eval_set}/{metric_prefix}{metric}")
                     test = metrics.get(f"test/{metric_prefix}{metric}")
@@ -78,12 +123,13 @@ def collect_results(run_dir: Path) -> list[dict]:
                     records.append(
                         {
                             "regime": regime,
-                            "method": row,
+                            "method": row.label,
                             "eval_set": eval_set,
                             "metric": metric,
                             "value": round(value, 4),
                             "drop_from_test": round(test - value, 4) if test is not None else None,
                             "key": results.get("best_key") if metric_prefix == "best_" else None,
+                            **calibration,
                         }
                     )
     return records
@@ -94,7 +140,7 @@ def missing_runs(run_dir: Path) -> list[str]:
     experiment = _read_json(run_dir / "experiment.json")
     return [
         f"{prefix}_{regime}"
-        for regime in experiment.get("regimes", ["balanced", "long_tailed"])
+        for regime in _regimes(experiment)
         for prefix in dict.fromkeys(row.run for row in table_rows(experiment))
         if not (run_dir / "runs" / f"{prefix}_{regime}" / "results.json").exists()
     ]
@@ -231,6 +277,167 @@ def _per_class_and_confusion(
     return lines + ["", "![confusion matrix](figures/confusion_best.png)", ""]
 
 
+class Classifier(NamedTuple):
+    """An evaluated classifier run: its regime, the label of each of its heads, its
+    ``results.json``."""
+
+    regime: str
+    labels: dict[str, str]
+    results: dict
+
+
+def _classifiers(run_dir: Path, experiment: dict) -> list[Classifier]:
+    """Every evaluated classifier run (an end-to-end method or a probe), its heads labelled as
+    the main table's rows; a fusion head without a row of its own is its probe's + (fusion)."""
+    rows = table_rows(experiment)
+    classifiers = []
+    for regime in _regimes(experiment):
+        for run in dict.fromkeys(row.run for row in rows):
+            results = _read_json(run_dir / "runs" / f"{run}_{regime}" / "results.json")
+            if not results:
+                continue
+            labels: dict[str, str] = {}
+            for row in rows:
+                if row.run == run:
+                    labels.setdefault(_head(row), row.label)
+            labels.setdefault("fusion", f"{labels['classify']} (fusion)")
+            classifiers.append(Classifier(regime, labels, results))
+    return classifiers
+
+
+def _calibration_table(classifiers: list[Classifier]) -> list[str]:
+    """Every calibrated head's temperature, validation ECE and NLL, and rejection threshold."""
+    lines = [
+        "| method | regime | temperature | val ECE before -> after | val NLL before -> after | "
+        "rejection threshold | val precision | val coverage |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    targets = set()
+    for classifier in classifiers:
+        for head, c in (classifier.results.get("calibration") or {}).items():
+            rejection = c["rejection"]
+            target = rejection["target_precision"]
+            targets.add(target)
+            precision = f"{rejection['precision']:.3f}"
+            if rejection["precision"] < target:
+                precision += f" (below target {target:.3f})"
+            lines.append(
+                f"| {classifier.labels[head]} | {classifier.regime} | {c['temperature']:.3f} | "
+                f"{c['ece_before']:.3f} -> {c['ece_after']:.3f} | "
+                f"{c['nll_before']:.3f} -> {c['nll_after']:.3f} | {rejection['threshold']:.3f} | "
+                f"{precision} | {rejection['coverage']:.3f} |"
+            )
+    if not targets:
+        return []
+    shown = ", ".join(f"{t:.3f}" for t in sorted(targets))
+    return ["### Calibration and unknowns", "", *lines] + [
+        "",
+        "Each head's logits are divided by one temperature fitted on the validation split "
+        "(Guo et al. 2017); ECE and NLL are measured there before and after. An image whose "
+        "largest calibrated probability is below the rejection threshold is reported as "
+        f"unknown: the lowest threshold at which the accepted validation images reach the "
+        f"target precision ({shown}; 0 accepts every image), coverage the share of validation "
+        "images it accepts. Labels are used here only on the validation split, to calibrate, to "
+        "choose the threshold and to measure the misclassification rates that adjust the "
+        "counts below; label-free pretraining stays label-free.",
+        "",
+    ]
+
+
+def _abundance_tables(classifiers: list[Classifier]) -> list[str]:
+    """Per eval set, every classifier's error of each estimator's class fractions, and how far
+    the set's true class mix is from each regime's training split."""
+    counted = [c for c in classifiers if c.results.get("abundance")]
+    if not counted:
+        return []
+    lines = [
+        "### Counts under a change of class mix",
+        "",
+        "Half the L1 distance between a set's true class fractions and those estimated from a "
+        "classifier's calibrated predictions (0: exact; the share of images that would have to "
+        "change class), lowest per row in bold. cc counts predicted classes; acc and pacc "
+        "correct the (probabilistic) counts by the validation misclassification rates; emq "
+        "re-estimates the class priors by EM (Saerens et al. 2002). `test`, held out from the "
+        "training images, comes first as the in-distribution reference; the balanced regime caps "
+        "the training images per class, so even test's class mix differs from its training's.",
+        "",
+    ]
+    eval_sets = dict.fromkeys(name for c in counted for name in c.results["abundance"])
+    for eval_set in sorted(eval_sets, key=lambda name: name != "test"):
+        reference = " (in-distribution reference)" if eval_set == "test" else ""
+        lines += [
+            f"#### `{eval_set}`{reference}",
+            "",
+            "| method | regime | " + " | ".join(ESTIMATORS) + " |",
+            "|---|---|" + "---|" * len(ESTIMATORS),
+        ]
+        shifts = {}
+        for classifier in counted:
+            abundance = classifier.results["abundance"].get(eval_set)
+            if abundance is None:
+                continue
+            # The set's and its regime's training split's, so the same for every classifier.
+            shift = half_l1(abundance["true"], _train_fractions(classifier.results))
+            shifts.setdefault(
+                classifier.regime,
+                f"{classifier.regime} {shift:.3f} ({abundance['images']:,} images)",
+            )
+            errors = [round(abundance["error"][m], 3) for m in ESTIMATORS]
+            lowest = min(errors)  # compared as shown, so cells that read the same are all bold
+            cells = [f"**{e:.3f}**" if e == lowest else f"{e:.3f}" for e in errors]
+            lines.append(
+                f"| {classifier.labels['classify']} | {classifier.regime} | {' | '.join(cells)} |"
+            )
+        lines += [
+            "",
+            f"True shift of the class mix of `{eval_set}` from the training split (half L1 "
+            f"between its true and the training fractions): {'; '.join(shifts.values())}.",
+            "",
+        ]
+    return lines
+
+
+def _best_counts(run_dir: Path, experiment: dict, records: list[dict], regime: str) -> list[str]:
+    """The best method's estimated fraction of every class on each out-of-distribution set,
+    as a table and a figure of true against estimated fractions."""
+    best = _best_run(run_dir, experiment, records, regime)
+    if best is None:
+        return []
+    method, folder = best
+    results = _read_json(folder / "results.json")
+    shifted = {k: v for k, v in (results.get("abundance") or {}).items() if k != "test"}
+    if not shifted:
+        return []
+    names = results["class_names"]
+    lines = [
+        f"### Per-class counts of the best method ({regime}): {method}",
+        "",
+        "Estimated class fractions against the true ones, most abundant classes first.",
+        "",
+    ]
+    for eval_set, abundance in shifted.items():
+        true, estimates = abundance["true"], abundance["estimates"]
+        lines += [
+            f"#### `{eval_set}`",
+            "",
+            "| class | true fraction | " + " | ".join(ESTIMATORS) + " |",
+            "|---|---|" + "---|" * len(ESTIMATORS),
+        ]
+        for c in sorted(range(len(names)), key=lambda c: -true[c]):
+            cells = " | ".join(f"{estimates[m][c]:.3f}" for m in ESTIMATORS)
+            lines.append(f"| {names[c]} | {true[c]:.3f} | {cells} |")
+        figure = abundance_figure(
+            true, {m: estimates[m] for m in ESTIMATORS}, f"{method}, {eval_set} ({regime})"
+        )
+        save_figure(figure, run_dir / "figures" / f"abundance_{eval_set}.png")
+        lines += [
+            "",
+            f"![true vs estimated fractions, {eval_set}](figures/abundance_{eval_set}.png)",
+            "",
+        ]
+    return lines
+
+
 def _settings(experiment: dict) -> list[str]:
     """Each method's config and the experiment's changes to it."""
     methods = {"diffusion": experiment.get("diffusion", {})}
@@ -316,10 +523,9 @@ def build_report(run_dir: str | Path) -> Path:
     figures.mkdir(exist_ok=True)
     records = collect_results(run_dir)
     write_text_atomic(run_dir / "results.json", json.dumps(records, indent=2))
-    columns = ["regime", "method", "eval_set", "metric", "value", "drop_from_test", "key"]
-    write_csv_atomic(run_dir / "results.csv", columns, ([r[c] for c in columns] for r in records))
+    write_csv_atomic(run_dir / "results.csv", COLUMNS, ([r[c] for c in COLUMNS] for r in records))
 
-    regimes = experiment.get("regimes", ["balanced", "long_tailed"])
+    regimes = _regimes(experiment)
     pretrain = experiment.get("pretrain_regime", "long_tailed")
     lines = [f"# Experiment `{experiment.get('name', run_dir.name)}`", ""]
     for regime in regimes:
@@ -364,6 +570,14 @@ def build_report(run_dir: str | Path) -> Path:
     per_class = _per_class_and_confusion(run_dir, experiment, records, pretrain)
     if per_class:
         lines += ["## Per-class F1 and confusion matrix", "", *per_class]
+    classifiers = _classifiers(run_dir, experiment)
+    counts = [
+        *_calibration_table(classifiers),
+        *_abundance_tables(classifiers),
+        *_best_counts(run_dir, experiment, records, pretrain),
+    ]
+    if counts:
+        lines += ["## Calibration, unknowns and counts under a change of class mix", "", *counts]
     if (figures / "diffusion_samples.png").exists():
         lines += [
             "## Diffusion samples next to real images",

@@ -1,9 +1,11 @@
 """Every figure of the suite, drawn one way for TensorBoard, the probe's folder, the CLI and the
-experiment report: image grids, heatmaps over layers x timesteps, confusion matrices."""
+experiment report: image grids, heatmaps over layers x timesteps, confusion matrices, true
+against estimated class fractions."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -58,6 +60,27 @@ def confusion_figure(matrix: torch.Tensor, class_names: list[str], title: str) -
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
     axes.set_title(title)
+    figure.tight_layout()
+    return figure
+
+
+def abundance_figure(
+    true: Sequence[float], estimates: Mapping[str, Sequence[float]], title: str
+) -> plt.Figure:
+    """Estimated against true fraction, one point per class and one marker per estimator, with
+    the line y = x on which an exact count lies."""
+    figure, axes = plt.subplots(figsize=(4.5, 4.5))
+    top = 1.05 * max(max(true), *(max(fractions) for fractions in estimates.values()))
+    axes.plot([0, top], [0, top], color="0.6", linewidth=1, label="y = x")
+    for (name, fractions), marker in zip(estimates.items(), itertools.cycle("osD^v")):
+        axes.scatter(true, fractions, marker=marker, s=24, alpha=0.75, label=name)
+    axes.set_xlim(0, top)
+    axes.set_ylim(0, top)
+    axes.set_aspect("equal")
+    axes.set_xlabel("true fraction")
+    axes.set_ylabel("estimated fraction")
+    axes.set_title(title)
+    axes.legend(fontsize=8)
     figure.tight_layout()
     return figure
 
