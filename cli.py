@@ -34,7 +34,7 @@ from datamodules.synthetic import DOMAINS, prior_shift_size, write_dataset
 from lightning_modules import DiffusionModule, load_diffusion
 from lightning_modules.common.figures import save_grid
 from workflows.caches import clean_caches, list_caches
-from workflows.classify import classify_folder
+from workflows.classify import ESTIMATORS, classify_folder
 from workflows.clustering import cluster_features
 from workflows.experiment import STAGES, Experiment, ExperimentRunner
 from workflows.lightning_cli import PlanktonCLI, datamodule_from_config, model_settings_from_config
@@ -237,18 +237,54 @@ def classify_command(argv: list[str]) -> int:
     parser.add_argument("--top-k", type=int, default=3, help="labels per image")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace --out and its _counts/_skipped files"
+        "--abundance", default="cc", help=f"estimators of the class fractions, comma-separated: "
+        f"{', '.join(ESTIMATORS)} or all (all but cc correct for a change of class fractions and "
+        "need a calibrated checkpoint)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--reject", action="store_true",
+        help="label images below the checkpoint's confidence threshold 'unknown', not a class",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ecotaxa", action="store_true",
+        help="also write ecotaxa_<out stem>.tsv, an EcoTaxa import table, in the image folder",
+    )  # fmt: skip
+    parser.add_argument(
+        "--n-boot", type=int, default=200, help="bootstrap resamples of the abundance intervals"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --out and the files written with it"
     )
     args = parser.parse_args(argv)
     summary = classify_folder(
         args.checkpoint, args.images, args.out, args.top_k, args.batch_size,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, abundance=args.abundance, reject=args.reject,
+        ecotaxa=args.ecotaxa, n_boot=args.n_boot,
     )  # fmt: skip
     outputs = summary["outputs"]
-    print(f"classified {summary['images']} images on {summary['device']}: {outputs['predictions']}")
-    print(f"abundance table: {outputs['counts']}")
-    for name, count in list(summary["counts"].items())[:10]:
-        print(f"  {name:<40} {count}")
+    temperature = summary["temperature"]
+    probabilities = f"temperature {temperature:.3g}" if temperature else "uncalibrated"
+    print(
+        f"classified {summary['images']} images on {summary['device']} ({probabilities}): "
+        f"{outputs['predictions']}"
+    )
+    rejection = summary["rejection"]
+    if rejection:
+        print(
+            f"{rejection['rejected']} images unknown: confidence below "
+            f"{rejection['threshold']:.3f} (on validation: precision "
+            f"{rejection['precision']:.3f}, coverage {rejection['coverage']:.3f})"
+        )
+    abundance = summary["abundance"]
+    print(f"abundance table (fractions of the accepted images): {outputs['counts']}")
+    rows = list(summary["counts"].items())[:10]
+    width = max(len("class"), *(len(name) for name, _ in rows))
+    print(f"  {'class':<{width}} {'top-1':>6}" + "".join(f"{name:>8}" for name in abundance))
+    for name, count in rows:
+        fractions = "".join(f"{estimates[name]:>8.3f}" for estimates in abundance.values())
+        print(f"  {name:<{width}} {count:>6}{fractions}")
+    if "ecotaxa" in outputs:
+        print(f"EcoTaxa import table: {outputs['ecotaxa']}")
     if summary["skipped"]:
         print(f"{summary['skipped']} unreadable files listed in {outputs['skipped']}")
     return 0

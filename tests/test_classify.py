@@ -1,4 +1,5 @@
 import csv
+import shutil
 from collections import Counter
 
 import lightning as L
@@ -6,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from cli import main
 from datamodules import PlanktonDataModule, Preprocessing, SyntheticPlankton
 from datamodules.cache import load_or_build
-from datamodules.sources import scan_class_folders
+from datamodules.sources import scan, scan_class_folders
 from datamodules.synthetic import write_dataset
 from datamodules.views import eval_view
 from lightning_modules import (
@@ -21,6 +23,8 @@ from lightning_modules import (
     SupervisedModule,
     load_diffusion,
 )
+from lightning_modules.common.abundance import ESTIMATORS
+from lightning_modules.common.calibration import Calibration, MissingCalibrationError
 from workflows.classify import ClassifierSettings, classify_folder, load_classifier
 
 # The spec of the ``tiny_spec`` fixture: the data are shared with the other test files.
@@ -118,9 +122,40 @@ def diffusion_probe(diffusion_checkpoint, data, tmp_path_factory):
     return probe, path, diffusion_checkpoint
 
 
-def _read(path):
+@pytest.fixture(scope="module")
+def uncalibrated(supervised, tmp_path_factory):
+    """The supervised checkpoint as it was written before classifiers stored their calibration."""
+    saved = torch.load(supervised[1], map_location="cpu", weights_only=True)
+    del saved["calibration"]
+    path = tmp_path_factory.mktemp("uncalibrated") / "old.ckpt"
+    torch.save(saved, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def strict(supervised, sample, tmp_path_factory):
+    """The supervised checkpoint with a rejection threshold that splits the sample: between two
+    confidences in its middle half, the farthest apart (so 4-decimal CSV values stay on their
+    side)."""
+    root = tmp_path_factory.mktemp("strict")
+    classify_folder(supervised[1], sample, root / "plain.csv", device=DEVICE)
+    confidence = sorted(float(row["prob_1"]) for row in _read(root / "plain.csv"))
+    quarter = len(confidence) // 4
+    middle = confidence[quarter : len(confidence) - quarter]
+    low, high = max(zip(middle, middle[1:], strict=False), key=lambda pair: pair[1] - pair[0])
+    saved = torch.load(supervised[1], map_location="cpu", weights_only=True)
+    saved["calibration"]["classify"]["rejection"]["threshold"] = (low + high) / 2
+    torch.save(saved, root / "strict.ckpt")
+    return root / "strict.ckpt", (low + high) / 2
+
+
+def _read(path, delimiter=","):
     with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+        return list(csv.DictReader(handle, delimiter=delimiter))
+
+
+def _stored(checkpoint):
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)["calibration"]
 
 
 def _independently_preprocessed(sample, tmp_path):
@@ -142,9 +177,13 @@ def test_a_supervised_checkpoint_classifies_a_folder(supervised, sample, tmp_pat
     summary = classify_folder(checkpoint, sample, out, top_k=10, batch_size=7, device=DEVICE)
 
     readable, images, failed = _independently_preprocessed(sample, tmp_path)
+    temperature = _stored(checkpoint)["classify"]["temperature"]
     with torch.no_grad():
-        probabilities = module.classify(images).softmax(-1)
-    assert torch.allclose(probabilities.sum(-1), torch.ones(len(images)), atol=1e-5)
+        logits = module.classify(images)
+    probabilities = (logits / temperature).softmax(-1)
+    assert summary["temperature"] == temperature
+    # The checkpoint's temperature is applied: the plain softmax would differ visibly.
+    assert not torch.allclose(logits.softmax(-1), probabilities, atol=1e-3)
     rows = {row["path"]: row for row in _read(out)}
     assert list(rows) == sorted(readable)  # every readable image, recursively, in path order
     assert [rows[name]["label_1"] for name in readable] == [
@@ -164,13 +203,14 @@ def test_a_supervised_checkpoint_classifies_a_folder(supervised, sample, tmp_pat
     assert skipped[0]["reason"] == failed[0].reason  # the datamodule's own reason
 
     counts = _read(out.with_name("predictions_counts.csv"))
+    assert list(counts[0]) == ["class", "cc_count", "cc_fraction", "cc_low", "cc_high"]
     assert [c["class"] for c in counts] == list(summary["counts"])
     assert sorted(c["class"] for c in counts) == sorted(classes)  # zero-count classes included
-    numbers = [int(c["count"]) for c in counts]
+    numbers = [int(c["cc_count"]) for c in counts]
     assert numbers == sorted(numbers, reverse=True) and sum(numbers) == len(readable)
     top1 = Counter(row["label_1"] for row in rows.values())
-    assert {c["class"]: int(c["count"]) for c in counts} == {c: top1[c] for c in classes}
-    assert float(counts[0]["fraction"]) == pytest.approx(numbers[0] / len(readable), abs=1e-4)
+    assert {c["class"]: int(c["cc_count"]) for c in counts} == {c: top1[c] for c in classes}
+    assert float(counts[0]["cc_fraction"]) == pytest.approx(numbers[0] / len(readable), abs=1e-4)
     assert summary["images"] == len(readable) and summary["skipped"] == 1
 
 
@@ -254,3 +294,152 @@ def test_sources_built_in_memory_record_no_init_args(diffusion_checkpoint):
     assert source.init_args is None
     built = DiffusionFeatures(str(diffusion_checkpoint), layers=[16], timesteps=(1,))
     assert built.init_args["layers"] == [16] and built.init_args["timesteps"] == [1]
+
+
+def test_every_estimator_gives_fractions_with_bootstrap_intervals(encoder_probe, sample, tmp_path):
+    # The probe, trained for two epochs, predicts several classes: intervals are not points.
+    module, checkpoint, _ = encoder_probe
+    out = tmp_path / "p.csv"
+    summary = classify_folder(checkpoint, sample, out, device=DEVICE, abundance="all", n_boot=20)
+
+    counts = _read(out.with_name("p_counts.csv"))
+    columns = [f"{name}_{c}" for name in ESTIMATORS for c in ("count", "fraction", "low", "high")]
+    assert list(counts[0]) == ["class", *columns]
+    assert sorted(c["class"] for c in counts) == sorted(module.class_names)
+    # The estimators read the calibrated probabilities through the checkpoint's quantifier.
+    readable, images, _ = _independently_preprocessed(sample, tmp_path)
+    calibration = Calibration.from_dict(_stored(checkpoint)["classify"])
+    with torch.no_grad():
+        logits = module.classify(images, torch.arange(len(images)))
+    probabilities = calibration.probabilities(logits).numpy()
+    for name in ESTIMATORS:
+        fractions = {c["class"]: float(c[f"{name}_fraction"]) for c in counts}
+        assert sum(fractions.values()) == pytest.approx(1.0, abs=1e-3)
+        assert sum(int(c[f"{name}_count"]) for c in counts) == len(readable)
+        for c in counts:
+            assert float(c[f"{name}_low"]) <= float(c[f"{name}_fraction"])
+            assert float(c[f"{name}_fraction"]) <= float(c[f"{name}_high"])
+        assert any(float(c[f"{name}_low"]) < float(c[f"{name}_high"]) for c in counts)
+        assert summary["abundance"][name] == pytest.approx(fractions, abs=5e-5)
+        expected = calibration.quantifier.estimate(probabilities, name)
+        assert list(fractions.values()) == pytest.approx(
+            [expected[module.class_names.index(c)] for c in fractions], abs=1e-3
+        )
+    top1 = Counter(row["label_1"] for row in _read(out))
+    assert {c["class"]: int(c["cc_count"]) for c in counts} == {
+        c: top1[c] for c in module.class_names
+    }
+
+
+def test_rejected_images_are_unknown_and_counted_apart(strict, sample, tmp_path):
+    checkpoint, threshold = strict
+    out = tmp_path / "p.csv"
+    summary = classify_folder(
+        checkpoint, sample, out, device=DEVICE, abundance="cc,pacc", reject=True, n_boot=10
+    )
+
+    rows = _read(out)
+    assert list(rows[0])[:3] == ["path", "label", "label_1"]
+    unknown = [row for row in rows if row["label"] == "unknown"]
+    assert 0 < len(unknown) < len(rows)
+    for row in rows:  # the top-k stay for review; only the decision changes
+        assert (row["label"] == "unknown") == (float(row["prob_1"]) < threshold)
+        assert row["label"] in ("unknown", row["label_1"])
+    counts = _read(out.with_name("p_counts.csv"))
+    assert counts[-1] == {
+        "class": "unknown", "cc_count": str(len(unknown)), "cc_fraction": "", "cc_low": "",
+        "cc_high": "", "pacc_count": str(len(unknown)), "pacc_fraction": "", "pacc_low": "",
+        "pacc_high": "",
+    }  # fmt: skip
+    classes = counts[:-1]
+    for name in ("cc", "pacc"):  # accepted + unknown = images; fractions of the accepted
+        assert sum(int(c[f"{name}_count"]) for c in counts) == len(rows)
+        assert sum(float(c[f"{name}_fraction"]) for c in classes) == pytest.approx(1, abs=1e-3)
+    accepted = Counter(row["label"] for row in rows if row["label"] != "unknown")
+    assert {c["class"]: int(c["cc_count"]) for c in classes} == {
+        c["class"]: accepted[c["class"]] for c in classes
+    }
+    assert summary["counts"] == {c["class"]: int(c["cc_count"]) for c in classes}
+    stored = _stored(checkpoint)["classify"]["rejection"]
+    assert summary["rejection"] == {**stored, "rejected": len(unknown)}
+
+
+def test_an_ecotaxa_table_is_written_among_the_images(strict, sample, tmp_path):
+    images = shutil.copytree(sample, tmp_path / "station")
+    out = tmp_path / "results" / "p.csv"
+    summary = classify_folder(strict[0], images, out, top_k=2, device=DEVICE, ecotaxa=True,
+                              reject=True)  # fmt: skip
+    table = images / "ecotaxa_p.tsv"
+    assert summary["outputs"]["ecotaxa"] == str(table)
+
+    predicted = {row["path"]: row["label"] for row in _read(out)}
+    records = scan(table, format="ecotaxa").records
+    assert {r.path.relative_to(images).as_posix(): r.label for r in records} == predicted
+    assert "unknown" in predicted.values()
+    rows = _read(table, delimiter="\t")[1:]  # below the type row
+    assert [row["object_pred_1_category"] for row in rows] == [row["label_1"] for row in _read(out)]
+    assert "object_pred_3_category" not in rows[0]
+
+    # The table is one of the outputs: never replaced without --overwrite.
+    with pytest.raises(FileExistsError, match="ecotaxa_p.tsv exists"):
+        classify_folder(strict[0], images, tmp_path / "other" / "p.csv", ecotaxa=True)
+    assert not (tmp_path / "other").exists()
+    classify_folder(strict[0], images, out, device=DEVICE, ecotaxa=True, overwrite=True)
+    assert "unknown" not in {r.label for r in scan(table, format="ecotaxa").records}
+
+
+@pytest.mark.parametrize("options", [{"abundance": "cc,pacc"}, {"reject": True}])
+def test_options_that_need_calibration_refuse_an_old_checkpoint_before_reading_images(
+    options, uncalibrated, sample, tmp_path, monkeypatch
+):
+    def unread(*args):
+        raise AssertionError("an image was read before the refusal")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("workflows.classify.load_preprocessed", unread)
+        with pytest.raises(MissingCalibrationError, match="calibrated.*plankton test --config"):
+            classify_folder(uncalibrated, sample, tmp_path / "p.csv", ecotaxa=True, **options)
+    assert not list(tmp_path.iterdir()) and not (sample / "ecotaxa_p.tsv").exists()
+
+
+def test_an_old_checkpoint_still_classifies_and_counts(supervised, uncalibrated, sample, tmp_path):
+    out = tmp_path / "p.csv"
+    summary = classify_folder(uncalibrated, sample, out, top_k=4, device=DEVICE)
+    assert summary["temperature"] is None and summary["rejection"] is None
+    readable, images, _ = _independently_preprocessed(sample, tmp_path)
+    with torch.no_grad():
+        probabilities = supervised[0].classify(images).softmax(-1)  # the plain softmax
+    rows = {row["path"]: row for row in _read(out)}
+    for name, expected in zip(readable, probabilities, strict=True):
+        values = [float(rows[name][f"prob_{i}"]) for i in range(1, 5)]
+        assert values == pytest.approx(expected.sort(descending=True).values.tolist(), abs=2e-4)
+    assert sum(summary["counts"].values()) == len(readable)
+
+
+def test_unknown_estimators_are_refused_with_the_choices(supervised, sample, tmp_path):
+    for abundance in ("pcc", "cc,", []):
+        with pytest.raises(ValueError, match="estimator.*choose from cc, acc, pacc, emq, or all"):
+            classify_folder(supervised[1], sample, tmp_path / "p.csv", abundance=abundance)
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_cli_takes_abundance_rejection_and_ecotaxa(strict, uncalibrated, sample, tmp_path,
+                                                       capsys):  # fmt: skip
+    checkpoint, threshold = strict
+    images = shutil.copytree(sample, tmp_path / "station")
+    common = ["classify", "--images", str(images), "--out", str(tmp_path / "p.csv")]
+    assert main([*common, "--checkpoint", str(checkpoint), "--abundance", "all", "--reject",
+                 "--ecotaxa", "--n-boot", "5"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    temperature = _stored(checkpoint)["classify"]["temperature"]
+    assert f"temperature {temperature:.3g}" in printed
+    assert f"confidence below {threshold:.3f}" in printed
+    assert str(tmp_path / "p_counts.csv") in printed and str(images / "ecotaxa_p.tsv") in printed
+    assert list(_read(tmp_path / "p_counts.csv")[0])[-4:] == [
+        "emq_count", "emq_fraction", "emq_low", "emq_high"
+    ]  # fmt: skip
+
+    assert main([*common, "--checkpoint", str(checkpoint), "--abundance", "pcc"]) == 2
+    assert "choose from cc, acc, pacc, emq, or all" in capsys.readouterr().err
+    assert main([*common, "--checkpoint", str(uncalibrated), "--reject", "--overwrite"]) == 2
+    assert "--reject needs calibrated" in capsys.readouterr().err
