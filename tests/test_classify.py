@@ -443,3 +443,16 @@ def test_the_cli_takes_abundance_rejection_and_ecotaxa(strict, uncalibrated, sam
     assert "choose from cc, acc, pacc, emq, or all" in capsys.readouterr().err
     assert main([*common, "--checkpoint", str(uncalibrated), "--reject", "--overwrite"]) == 2
     assert "--reject needs calibrated" in capsys.readouterr().err
+
+
+def test_testing_an_old_checkpoint_adds_its_calibration(supervised, uncalibrated, data, tmp_path):
+    old = shutil.copy(uncalibrated, tmp_path / "old.ckpt")
+    module = SupervisedModule(
+        num_classes=data.num_classes, class_names=data.class_names, backbone="resnet10t",
+        image_size=16, in_chans=1,
+    )  # fmt: skip
+    _trainer(tmp_path).test(module, data, ckpt_path=old, verbose=False)
+    added, original = _stored(old)["classify"], _stored(supervised[1])["classify"]
+    # The same weights on the same validation split: the same calibration as at training's end.
+    assert added["temperature"] == pytest.approx(original["temperature"], rel=1e-4)
+    assert np.allclose(added["quantifier"]["mean_probs"], original["quantifier"]["mean_probs"])

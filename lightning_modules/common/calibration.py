@@ -73,18 +73,21 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
         The fitted temperature (> 1 when the model was overconfident).
     """
     _check_scores(logits, labels, "logits")
-    logits = logits.detach().double()
-    labels = labels.long()
-    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=1.0, max_iter=50, line_search_fn="strong_wolfe")
+    # Called from Lightning's validation and test loops too, which run under inference mode:
+    # the fit needs autograd, and copies of the inputs that autograd may use.
+    with torch.inference_mode(False), torch.enable_grad():
+        logits = logits.detach().double().clone()
+        labels = labels.long().clone()
+        log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.LBFGS([log_t], lr=1.0, max_iter=50, line_search_fn="strong_wolfe")
 
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp(), labels)
-        loss.backward()
-        return loss
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(logits / log_t.exp(), labels)
+            loss.backward()
+            return loss
 
-    optimizer.step(closure)
+        optimizer.step(closure)
     return log_t.detach().exp().item()
 
 
