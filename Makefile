@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PYTHON) benchmarks/probe_sweep.py
 	$(PYTHON) benchmarks/training_throughput.py
 	$(PYTHON) benchmarks/diffusion_throughput.py
+	$(PYTHON) benchmarks/online_probe.py
 
 tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir runs

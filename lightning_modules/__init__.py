@@ -15,7 +15,14 @@ from typing import Literal
 from .baselines import DINOModule, SimCLRModule, SupervisedModule
 from .common.module import PlanktonModule
 from .diffusion import DiffusionModule, NoiseSchedule, UNet, load_diffusion
-from .probes import DiffusionFeatures, EncoderFeatures, FeatureSource, PixelFeatures, ProbeModule
+from .probes import (
+    DiffusionFeatures,
+    EncoderFeatures,
+    FeatureSource,
+    OnlineProbe,
+    PixelFeatures,
+    ProbeModule,
+)
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,7 @@ __all__ = [
     "NoiseSchedule",
     "PixelFeatures",
     "PlanktonModule",
+    "OnlineProbe",
     "ProbeModule",
     "SimCLRModule",
     "SupervisedModule",

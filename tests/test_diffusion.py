@@ -7,9 +7,10 @@ import torch.nn.functional as F
 from conftest import run_script
 
 from datamodules import PlanktonDataModule
-from lightning_modules import DiffusionFeatures, DiffusionModule, load_diffusion
+from lightning_modules import DiffusionFeatures, DiffusionModule, OnlineProbe, load_diffusion
 from lightning_modules.diffusion.per_image_noise import per_image_noise
 from lightning_modules.probes.features import capture
+from lightning_modules.probes.online import BEST_PROBE_CHECKPOINT
 
 TINY_UNET = {
     "image_size": 16,
@@ -301,3 +302,20 @@ def test_gradients_are_clipped_to_grad_clip(datamodule, tmp_path):
     module.clip_gradients = record
     _trainer(tmp_path, max_steps=2, max_epochs=-1, limit_val_batches=0).fit(module, datamodule)
     assert len(norms) == 2 and max(norms) <= 0.01 * 1.001
+
+
+def test_the_online_probe_logs_its_score_and_keeps_the_best_checkpoint(datamodule, tmp_path):
+    torch.manual_seed(0)
+    module = DiffusionModule(**TINY_UNET, lr=1.6e-2, warmup_steps=5)
+    probe = OnlineProbe(every_n_epochs=1, timesteps=(1, 10), train_images=48, val_images=16)
+    trainer = _trainer(tmp_path, max_epochs=3, limit_val_batches=0, callbacks=[probe])
+    trainer.fit(module, datamodule)
+    assert [entry["epoch"] for entry in probe.history] == [0, 1, 2]
+    scores = [entry["score"] for entry in probe.history]
+    assert trainer.callback_metrics["online_probe/val_macro_f1"] == pytest.approx(scores[-1])
+    assert probe.best_score == max(scores) > 0
+    # best_probe.ckpt holds the best epoch's weights: probing it again gives the same score.
+    best = tmp_path / "checkpoints" / BEST_PROBE_CHECKPOINT
+    rescored = probe.probe(load_diffusion(best), datamodule)
+    assert max(rescored.values()) == pytest.approx(probe.best_score)
+    assert torch.load(best, weights_only=True)["epoch"] == scores.index(max(scores))

@@ -8,6 +8,7 @@ from .features import (
     FeatureSource,
     PixelFeatures,
 )
+from .online import OnlineProbe
 from .probe import ProbeModule
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "EncoderFeatures",
     "FeatureKey",
     "FeatureSource",
+    "OnlineProbe",
     "PixelFeatures",
     "ProbeModule",
 ]
