@@ -16,6 +16,8 @@ import hashlib
 from collections import defaultdict
 from collections.abc import Sequence
 
+import numpy as np
+
 from .sources import TRAINVAL
 
 
@@ -86,3 +88,14 @@ def balanced_subset(
         members.sort(key=lambda i: path_hash(keys[i], seed + 1))
         kept += members[:per_class]
     return sorted(kept)
+
+
+def largest_remainder(fractions: Sequence[float] | np.ndarray, total: int) -> np.ndarray:
+    """Whole counts adding up to ``total`` in proportion to ``fractions`` (Hamilton's method):
+    the floor of each share, plus one for the largest remainders, so whole shares stay as they
+    are. Ties go to the lower index, so the counts never depend on the platform. NaN fractions
+    count as zero."""
+    exact = np.nan_to_num(np.asarray(fractions, dtype=np.float64)) * total
+    counts = np.floor(exact).astype(np.int64)
+    counts[np.argsort(counts - exact, kind="stable")[: total - counts.sum()]] += 1
+    return counts

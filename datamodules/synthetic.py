@@ -33,6 +33,8 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 from tqdm import tqdm
 
+from .splits import largest_remainder
+
 DOMAINS = ("source", "temporal", "geographic")
 MANIFEST_NAME = "manifest.csv"
 # Fixed, so that class k is the same morphotype in every generated dataset, whatever its seed.
@@ -187,9 +189,7 @@ def _apportion(total: int, fractions: np.ndarray) -> list[int]:
     one image from the class furthest above its share; in a set of few images per class that can
     move the fractions by more than one image's worth."""
     exact = total * fractions
-    counts = np.floor(exact).astype(int)
-    # Stable order: ties go to the lower class index, so the counts never depend on the platform.
-    counts[np.argsort(counts - exact, kind="stable")[: total - counts.sum()]] += 1
+    counts = largest_remainder(fractions, total)
     for empty in np.flatnonzero(counts == 0):
         donors = np.flatnonzero(counts > 1)
         counts[donors[np.argmax((counts - exact)[donors])]] -= 1

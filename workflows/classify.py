@@ -42,6 +42,7 @@ from datamodules.preprocessing import (
     Preprocessing,
     load_preprocessed,
 )
+from datamodules.splits import largest_remainder
 from datamodules.store import write_csv_atomic
 from datamodules.views import eval_view
 from lightning_modules import (
@@ -333,7 +334,7 @@ def classify_folder(
     # quantifier that holds none.
     quantifier = calibration.quantifier if calibration else _counting_quantifier(len(classes))
     estimates = {name: _estimate(quantifier, accepted, name, n_boot) for name in estimators}
-    counts = {name: _whole_counts(e[0], len(accepted)) for name, e in estimates.items()}
+    counts = {name: largest_remainder(e[0], len(accepted)) for name, e in estimates.items()}
     first = counts[estimators[0]]
     order = sorted(range(len(classes)), key=lambda i: -first[i])  # ties keep the class order
 
@@ -465,17 +466,6 @@ def _estimate(quantifier: Quantifier, probs: np.ndarray, method: str, n_boot: in
         return np.full((3, quantifier.num_classes), np.nan)
     interval = bootstrap_interval(quantifier, probs, method, n_boot, INTERVAL_LEVEL)
     return np.stack([quantifier.estimate(probs, method), *interval])
-
-
-def _whole_counts(fractions: np.ndarray, total: int) -> np.ndarray:
-    """Whole counts adding up to ``total``, each the floor of ``fraction * total`` plus one for
-    the largest remainders (Hamilton's method): integer ``fraction * total`` stay as they are.
-    NaN fractions (no accepted image, ``total`` 0) give zeros."""
-    exact = np.nan_to_num(fractions) * total
-    counts = np.floor(exact).astype(np.int64)
-    largest_remainders = np.argsort(counts - exact, kind="stable")
-    counts[largest_remainders[: total - counts.sum()]] += 1
-    return counts
 
 
 def _object_ids(names: list[str]) -> list[str]:
