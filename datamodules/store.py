@@ -55,12 +55,30 @@ def _owner_token() -> str:
     return f"{os.getpid()}@{socket.gethostname()}"
 
 
+def staging_path(path: Path) -> Path:
+    """The temporary name ``path`` is written under before it is renamed into place. It names
+    this process, so that ``plankton cache clean`` can tell a live writer's file from one left
+    by a process that died."""
+    return path.with_name(f".{path.name}.{_owner_token()}.tmp")
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], T]) -> T:
+    """Let ``write`` write the file at the path it is given, then rename that file to ``path``:
+    a reader sees the old file or the whole new one, never a part. Returns what ``write``
+    returns; on an error the temporary is removed."""
+    path = Path(path)
+    staging = staging_path(path)
+    try:
+        result = write(staging)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+    return result
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` under a temporary name and rename it into place."""
-    path = Path(path)
-    staging = path.with_name(f".{path.name}.{_owner_token()}.tmp")
-    staging.write_text(text)
-    os.replace(staging, path)
+    write_atomic(path, lambda staging: staging.write_text(text))
 
 
 def write_csv_atomic(
@@ -83,16 +101,15 @@ def write_array_atomic(
     The rename gives ``path`` a new inode: a reader holding a memory map of the file it replaces
     keeps reading the old one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{_owner_token()}.tmp")
-    try:
+
+    def create(staging: Path) -> T:
         array = np.lib.format.open_memmap(staging, mode="w+", dtype=dtype, shape=shape)
         result = fill(array)
         array.flush()
-        del array
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)
-    return result
+        del array  # the map is closed before the rename
+        return result
+
+    return write_atomic(path, create)
 
 
 def file_checksum(path: Path) -> str:

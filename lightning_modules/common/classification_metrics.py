@@ -3,7 +3,6 @@ every classifier keeps in its checkpoint."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from datamodules.store import write_atomic
 
 from .calibration import Calibration
 from .module import PlanktonModule, load_checkpoint
@@ -114,9 +115,7 @@ def _add_calibrations(path: Path, calibrations: dict[str, Calibration]) -> None:
     half a checkpoint)."""
     checkpoint = load_checkpoint(path)
     checkpoint["calibration"] = {k: c.to_dict() for k, c in calibrations.items()}
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(checkpoint, staging)
-    os.replace(staging, path)
+    write_atomic(path, lambda staging: torch.save(checkpoint, staging))
 
 
 class EvalSetClassifier(PlanktonModule):

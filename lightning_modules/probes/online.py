@@ -23,6 +23,8 @@ from sklearn.metrics import f1_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from datamodules.store import staging_path
+
 from ..diffusion.module import DiffusionModule
 from .features import DiffusionFeatures, FeatureKey
 
@@ -121,6 +123,7 @@ class OnlineProbe(L.Callback):
     def _save_best(self, trainer: L.Trainer) -> None:
         """The checkpoint of this epoch as ``best_probe.ckpt``, renamed into place whole."""
         folder = Path(trainer.checkpoint_callback.dirpath or trainer.default_root_dir)
-        staging = folder / f".{BEST_PROBE_CHECKPOINT}.tmp"
-        trainer.save_checkpoint(staging)  # every rank takes part; rank 0 writes
+        staging = staging_path(folder / BEST_PROBE_CHECKPOINT)
+        # Not write_atomic: every rank takes part in saving, and only rank 0 writes.
+        trainer.save_checkpoint(staging)
         rank_zero_only(os.replace)(staging, folder / BEST_PROBE_CHECKPOINT)
