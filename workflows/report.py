@@ -77,9 +77,10 @@ def _head(row: Row) -> str:
     return "fusion" if row.metric_prefix == "fusion_" else "classify"
 
 
-def _train_fractions(results: dict) -> np.ndarray:
+def _class_mix_shift(results: dict, abundance: dict) -> float:
+    """How far a labelled set's true class mix is from the run's training split (half L1)."""
     counts = np.asarray(results["train_counts"], dtype=np.float64)
-    return counts / counts.sum()
+    return half_l1(abundance["true"], counts / counts.sum())
 
 
 def _rounded(value: float | None) -> float | None:
@@ -93,7 +94,7 @@ def _calibration_fields(results: dict, head: str, eval_set: str) -> dict:
     calibration = (results.get("calibration") or {}).get(head, {})
     abundance = (results.get("abundance") or {}).get(eval_set)
     errors = abundance["error"] if abundance and head == "classify" else {}
-    shift = half_l1(abundance["true"], _train_fractions(results)) if abundance else None
+    shift = _class_mix_shift(results, abundance) if abundance else None
     return {
         "val_ece_before": _rounded(calibration.get("ece_before")),
         "val_ece_after": _rounded(calibration.get("ece_after")),
@@ -377,7 +378,7 @@ def _abundance_tables(classifiers: list[Classifier]) -> list[str]:
             if abundance is None:
                 continue
             # The set's and its regime's training split's, so the same for every classifier.
-            shift = half_l1(abundance["true"], _train_fractions(classifier.results))
+            shift = _class_mix_shift(classifier.results, abundance)
             shifts.setdefault(
                 classifier.regime,
                 f"{classifier.regime} {shift:.3f} ({abundance['images']:,} images)",
