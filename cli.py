@@ -217,8 +217,10 @@ def experiment_command(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     experiment = Experiment.from_file(args.config)
     out = Path(args.out or Path("runs") / experiment.name)
-    report = ExperimentRunner(experiment, out).run(force=args.force)
-    print(f"wrote {report}")
+    runner = ExperimentRunner(experiment, out)
+    report = runner.run(force=args.force)
+    if runner.processes.is_zero:
+        print(f"wrote {report}")
     return 0
 
 

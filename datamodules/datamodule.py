@@ -12,6 +12,7 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
@@ -560,6 +561,14 @@ class PlanktonDataModule(L.LightningDataModule):
             per_class = np.bincount(dataset.labels, minlength=self.num_classes).clip(min=1)
             weights = torch.as_tensor(1.0 / per_class[dataset.labels], dtype=torch.double)
             sampler = WeightedRandomSampler(weights, num_samples=len(dataset), replacement=True)
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if not train and 1 < world <= len(sampler or dataset):
+            # Each image evaluated once under DDP: Lightning's own sampler repeats a few to even
+            # out the ranks' batches, and would count them twice in the metrics. Safe while every
+            # rank has a batch (Lightning's note on this sampler).
+            sampler = UnrepeatedDistributedSamplerWrapper(
+                sampler or range(len(dataset)), world, self.trainer.global_rank, shuffle=False
+            )
         # Resident images are read and augmented on their device: workers would only copy them.
         workers = 0 if dataset.resident else self.num_workers
         return dataset.loader(

@@ -1,9 +1,12 @@
 import itertools
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import REPOSITORY
@@ -190,3 +193,179 @@ def test_one_budget_for_every_pretraining_run(tmp_path, capsys):
     ]:
         with pytest.raises(ValueError, match=message):
             Budget.from_setting(bad, "budget")
+
+
+# A whole experiment at toy size: every stage, one baseline (or none), and a probe without
+# pretraining (raw pixels), whose numbers must not depend on the number of processes.
+TOY_EXPERIMENT = """
+name: toy
+data: {configs}/data/synthetic.yaml
+data_overrides:
+  synthetic: {{classes: 4, per_class: 24, imbalance: 4.0, size: 32,
+              domains: [source, temporal], ood_fraction: 0.3, seed: 3}}
+  image_size: 16
+  batch_size: 8
+  max_per_class: 10
+  progress: false
+regimes: [long_tailed]
+trainer_overrides: {{{processes}precision: 32-true, enable_progress_bar: false,
+                    enable_model_summary: false}}
+diffusion:
+  config: {configs}/diffusion.yaml
+  max_epochs: 1
+  overrides:
+    model.init_args.base_channels: 8
+    model.init_args.channel_mult: [1, 2]
+    model.init_args.num_res_blocks: 1
+    model.init_args.attention_resolutions: [8]
+    model.init_args.num_heads: 2
+    model.init_args.timesteps: 100
+    model.init_args.val_timesteps: [5]
+    model.init_args.sample_every_n_epochs: 0
+baselines: {baselines}
+probes:
+  diffusion:
+    config: {configs}/probe_diffusion.yaml
+    max_epochs: 2
+    overrides:
+      model.init_args.features.init_args.layers: ["mid.*"]
+      model.init_args.features.init_args.timesteps: [1, 10]
+  encoder: {{config: {configs}/probe_encoder.yaml, max_epochs: 2}}
+  pixels: {{config: {configs}/probe_pixels.yaml, max_epochs: 2}}
+samples: 4
+"""
+TWO_PROCESSES = "accelerator: cpu, devices: 2, strategy: ddp, "
+
+
+def _toy_experiment(path, processes="", supervised=True):
+    configs = REPOSITORY / "configs"
+    baselines = f"{{supervised: {{config: {configs}/supervised.yaml, max_epochs: 4}}}}"
+    path.write_text(
+        TOY_EXPERIMENT.format(
+            configs=configs, processes=processes, baselines=baselines if supervised else "{}"
+        )
+    )
+    return path
+
+
+def _children(pid):
+    """The processes ``pid`` started (Lightning's launcher starts ranks 1 to N - 1)."""
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _gone(pid, timeout=30):
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def _state(pid):
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0]
+    except (FileNotFoundError, IndexError):
+        return "zombie"
+
+
+def _records(out):
+    return {
+        (r["regime"], r["method"], r["eval_set"], r["metric"]): r["value"]
+        for r in json.loads((out / "results.json").read_text())
+    }
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads the process tree from /proc")
+def test_experiment_on_two_processes_resumes_after_a_rank_is_killed(tmp_path):
+    config = _toy_experiment(tmp_path / "ddp.yaml", TWO_PROCESSES)
+    out = tmp_path / "ddp"
+    command = [sys.executable, "cli.py", "experiment", "--config", str(config), "--out", str(out)]
+
+    def start():
+        return subprocess.Popen(
+            command, cwd=REPOSITORY, env=dict(os.environ), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    # Rank zero (the launching process) killed mid-baselines: rank 1 ends too.
+    process = start()
+    interrupted = out / "runs" / "supervised_long_tailed"
+    _wait_for(interrupted / "checkpoints" / "last.ckpt", process)
+    [rank_one] = _children(process.pid)
+    process.kill()
+    process.wait()
+    assert _gone(rank_one), "rank 1 outlived the process that launched it"
+    assert not (interrupted / "done.json").exists(), "the run finished before the kill"
+    assert not (out / "baselines" / "done.json").exists()
+
+    # Rank 1 killed in the probes stage: the launcher ends the job.
+    process = start()
+    _wait_for(out / "runs" / "probe_diffusion_long_tailed", process)
+    [rank_one] = _children(process.pid)
+    os.kill(rank_one, signal.SIGKILL)
+    assert process.wait(timeout=60) != 0
+    assert (out / "baselines" / "done.json").exists()
+    assert not (out / "probes" / "done.json").exists()
+    log = process.stdout.read()
+    assert "supervised_long_tailed: resuming from" in log
+
+    # The same command finishes the job; rank zero alone wrote the markers and the report.
+    finished = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    log = finished.stdout
+    assert "[baselines] done earlier, skipped" in log
+    for stage in ("probes", "clustering", "report"):
+        assert log.count(f"[{stage}] done in") == 1, log
+    assert log.count("wrote ") == 1
+    for marker in out.glob("*/done.json"):
+        assert json.loads(marker.read_text())["processes"] == 2
+    assert json.loads((interrupted / "compute.json").read_text())["devices"] == 2
+
+    # The records of a one-process run; the numbers agree where no pretraining differs.
+    alone = tmp_path / "alone"
+    assert main(["experiment", "--config", str(_toy_experiment(tmp_path / "one.yaml")),
+                 "--out", str(alone)]) == 0  # fmt: skip
+    two, one = _records(out), _records(alone)
+    assert set(two) == set(one)
+    for key, value in two.items():
+        # Raw pixels: the same data and the same full-batch L-BFGS, each image tested once.
+        # The pretrained rows saw other batches (twice the global batch, another order).
+        tolerance = 1e-6 if key[1].startswith("raw pixels") else 0.35
+        assert value == pytest.approx(one[key], abs=tolerance), key
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="simulates a two-task SLURM job")
+@pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
+def test_experiment_started_by_torchrun_or_slurm(launcher, tmp_path):
+    config = _toy_experiment(tmp_path / "x.yaml", TWO_PROCESSES, supervised=False)
+    out = tmp_path / "run"
+    experiment = ["-m", "cli", "experiment", "--config", str(config), "--out", str(out)]
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    if launcher == "torchrun":
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                    "--master-port", str(port)]  # fmt: skip
+        processes = [subprocess.Popen([*torchrun, *experiment], cwd=REPOSITORY, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)]  # fmt: skip
+    else:  # what srun --ntasks-per-node 2 sets for each task of a one-node job
+        slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1",
+                 "SLURM_NODEID": "0", "SLURM_JOB_NAME": "plankton", "SLURM_JOB_ID": "4242",
+                 "SLURM_NODELIST": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+        processes = [
+            subprocess.Popen(
+                [sys.executable, *experiment], cwd=REPOSITORY, text=True,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env={**os.environ, **slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+            )
+            for r in range(2)
+        ]  # fmt: skip
+    outputs = [process.communicate(timeout=600) for process in processes]
+    for process, (_, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err[-3000:]
+    log = "".join(stdout for stdout, _ in outputs)
+    assert "Starting with 2 processes" in "".join(err for _, err in outputs)
+    assert log.count("[report] done in") == 1
+    assert json.loads((out / "probes" / "done.json").read_text())["processes"] == 2
+    assert (out / "report.md").is_file()

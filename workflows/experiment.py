@@ -10,6 +10,10 @@ The methods come from the registry (``lightning_modules.METHODS``): an experimen
 and any subset of the registered baselines. Label-free pretraining sees the training images of
 ``pretrain_regime`` (by default the natural, long-tailed distribution: every unlabelled image
 there is); a method that learns from labels, and every probe, is trained once per regime.
+
+Under DDP (``trainer_overrides: {devices: N, strategy: ddp}``, ``torchrun``, SLURM) every process
+runs the runner: the training, extraction, test and prediction runs use every rank, and rank zero
+alone writes what the others then read (see ``distributed.py``).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from lightning_modules.common.figures import save_grid
 from lightning_modules.common.flops import StepFlops
 
 from .clustering import cluster_features
+from .distributed import GatheredPredictions, Processes, launch_processes
 from .lightning_cli import PlanktonCLI, datamodule_from_config
 
 STAGES = ("data", "diffusion", "baselines", "probes", "clustering", "report")
@@ -197,6 +202,14 @@ class Experiment:
             budget=Budget.from_setting(settings.get("budget"), f"{path}: budget"),
         )
 
+    def launch_settings(self) -> dict:
+        """The shared trainer settings (the diffusion config's ``trainer``) with the
+        experiment's ``trainer_overrides``: what decides how many processes run it."""
+        trainer = yaml.safe_load(self.diffusion.config.read_text()).get("trainer") or {}
+        if isinstance(trainer, str):  # a config file, relative to the method's config
+            trainer = yaml.safe_load((self.diffusion.config.parent / trainer).read_text())
+        return {**trainer, **self.trainer_overrides}
+
 
 def cli_arguments(settings: dict) -> list[str]:
     """``{"data.image_size": 16}`` as ``["--data.image_size", "16"]``; lists, mappings as JSON."""
@@ -238,6 +251,7 @@ class ExperimentRunner:
 
     def __init__(self, experiment: Experiment, out: Path, log: Callable[[str], None] = print):
         self.experiment, self.out, self.log = experiment, Path(out), log
+        self.processes = Processes()
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def stage_dir(self, stage: str) -> Path:
@@ -294,6 +308,8 @@ class ExperimentRunner:
         """Forget ``stage`` and every later one, so they run again from scratch."""
         if stage not in STAGES:
             raise ValueError(f"--force must name a stage among {', '.join(STAGES)}; got {stage!r}")
+        if not self.processes.is_zero:
+            return
         for later in STAGES[STAGES.index(stage) :]:
             folder = self.stage_dir(later)
             if folder.exists():
@@ -301,11 +317,17 @@ class ExperimentRunner:
                 self.log(f"[{later}] forced: removed {folder}")
 
     def run(self, force: str | None = None) -> Path:
+        """Run every stage not done yet; under DDP, in every process (``distributed.py``)."""
+        self.processes = processes = launch_processes(self.experiment.launch_settings())
+        if not processes.is_zero:
+            self.log = lambda message: None
         if force:
             self.force(force)
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_json(self.out / "experiment.json", self.experiment.source)
+        if processes.is_zero:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json(self.out / "experiment.json", self.experiment.source)
         for stage in STAGES:
+            processes.barrier()  # every rank reads the markers rank zero has written
             marker = self.stage_dir(stage) / "done.json"
             if marker.exists():
                 self.log(f"[{stage}] done earlier, skipped ({read_json(marker)['wall_s']:.0f} s)")
@@ -313,8 +335,12 @@ class ExperimentRunner:
             started = time.perf_counter()
             getattr(self, f"stage_{stage}")()
             wall = time.perf_counter() - started
-            write_json(marker, {"wall_s": wall, "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+            if processes.is_zero:
+                finished = time.strftime("%Y-%m-%d %H:%M:%S")
+                write_json(marker, {"wall_s": wall, "finished": finished,
+                                    "processes": processes.world_size})  # fmt: skip
             self.log(f"[{stage}] done in {wall:.1f} s")
+        processes.barrier()
         return self.out / "report.md"
 
     # -- running the CLI -----------------------------------------------------------------------
@@ -363,6 +389,8 @@ class ExperimentRunner:
         clock, flops = WallClock(folder / "wall_time.json"), StepFlops()
         trainer.callbacks += [clock, flops]
         trainer.fit(cli.model, datamodule, ckpt_path=resume)
+        if not self.processes.is_zero:
+            return cli, checkpoint
         if budget is not None and budget.kind == "images":  # stopped inside an epoch
             images_seen = trainer.global_step * global_batch
         else:
@@ -397,10 +425,14 @@ class ExperimentRunner:
         return cli, checkpoint
 
     def finish(self, name: str) -> None:
-        write_json(self.out / "runs" / name / "done.json", {"finished": time.time()})
+        if self.processes.is_zero:
+            write_json(self.out / "runs" / name / "done.json", {"finished": time.time()})
+        self.processes.barrier()
 
     # -- stages --------------------------------------------------------------------------------
     def stage_data(self) -> None:
+        if not self.processes.is_zero:
+            return
         for regime in self.experiment.regimes:
             datamodule = datamodule_from_config(
                 self.experiment.data, **self.experiment.data_overrides, regime=regime
@@ -415,7 +447,8 @@ class ExperimentRunner:
         _, checkpoint = self.fit(
             "diffusion", experiment.diffusion, experiment.pretrain_regime, pretraining=True
         )
-        self._samples_next_to_real(checkpoint)
+        if self.processes.is_zero:
+            self._samples_next_to_real(checkpoint)
         self.finish("diffusion")
 
     def _samples_next_to_real(self, checkpoint: Path) -> None:
@@ -460,6 +493,8 @@ class ExperimentRunner:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "/f1/" not in k}
         predictions = {name: self._predict(trainer, model, datamodule, name)
                        for name in datamodule.eval_set_names}  # fmt: skip
+        if not self.processes.is_zero:
+            return
         probabilities, labels = predictions["test"]
         folder = self.out / "runs" / run
         np.savez(folder / "test_predictions.npz", probabilities=probabilities, labels=labels)
@@ -488,16 +523,21 @@ class ExperimentRunner:
             },
         )
 
-    @staticmethod
     def _predict(
-        trainer: L.Trainer, model: object, datamodule: PlanktonDataModule, name: str
+        self, trainer: L.Trainer, model: object, datamodule: PlanktonDataModule, name: str
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Calibrated probabilities and labels of the eval set ``name``."""
+        """Calibrated probabilities and labels of the eval set ``name``, every image once in
+        dataset order (whatever the number of ranks)."""
         datamodule.predict_set = name
-        probabilities = torch.cat(trainer.predict(model, datamodule)).float().numpy()
-        return probabilities, np.asarray(datamodule.dataset(name).labels)
+        gathered = GatheredPredictions(self.processes)
+        trainer.callbacks.append(gathered)
+        trainer.predict(model, datamodule, return_predictions=False)
+        trainer.callbacks.remove(gathered)
+        return gathered.values, np.asarray(datamodule.dataset(name).labels)
 
     def stage_clustering(self) -> None:
+        if not self.processes.is_zero:
+            return
         experiment = self.experiment
         regime = experiment.pretrain_regime
         for name, (method, checkpoint) in self.feature_sources(regime).items():
@@ -517,4 +557,5 @@ class ExperimentRunner:
     def stage_report(self) -> None:
         from .report import build_report
 
-        build_report(self.out)
+        if self.processes.is_zero:
+            build_report(self.out)

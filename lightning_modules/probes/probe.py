@@ -364,7 +364,8 @@ class ProbeModule(CalibratedClassifier):
         change = (loss - self.previous_loss.cpu()).abs()
         self.converged.copy_(change < self.hparams.convergence_tol * (loss + 0.1))
         self.previous_loss.copy_(loss)
-        self.log("train/heads_converged", self.converged.float().mean())
+        # Reduced above, so equal on every rank; sync_dist only averages equal values.
+        self.log("train/heads_converged", self.converged.float().mean(), sync_dist=True)
         self.epoch_loss = torch.zeros(len(self.keys))
         self.epoch_batches = 0
 
@@ -466,12 +467,12 @@ class ProbeModule(CalibratedClassifier):
         results = {}
         best = self.best_index
         for name, grid in zip(self.eval_set_names(), self.test_grids, strict=True):
+            # compute() already syncs across processes; sync_dist only averages equal values.
             scores = results[name] = grid_scores(grid.compute())
-            self.log(f"{name}/best_acc", scores.acc[best])
-            self.log(f"{name}/best_macro_f1", scores.macro_f1[best])
-            if len(self.fusion_keys):
-                self.log(f"{name}/fusion_acc", scores.acc[-1])
-                self.log(f"{name}/fusion_macro_f1", scores.macro_f1[-1])
+            heads = {"best": best} | ({"fusion": -1} if len(self.fusion_keys) else {})
+            for head, index in heads.items():
+                self.log(f"{name}/{head}_acc", scores.acc[index], sync_dist=True)
+                self.log(f"{name}/{head}_macro_f1", scores.macro_f1[index], sync_dist=True)
             grid.reset()
         folder = self.output_dir()  # on every rank: finding the log folder is collective
         # The validation scores travel in the checkpoint: a test run's table has them too.
