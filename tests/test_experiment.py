@@ -369,3 +369,14 @@ def test_experiment_started_by_torchrun_or_slurm(launcher, tmp_path):
     assert log.count("[report] done in") == 1
     assert json.loads((out / "probes" / "done.json").read_text())["processes"] == 2
     assert (out / "report.md").is_file()
+
+
+def test_processes_the_trainer_settings_cannot_run_are_refused(monkeypatch):
+    from workflows.distributed import launch_processes
+
+    assert launch_processes({"accelerator": "cpu", "devices": 1}).world_size == 1
+    with pytest.raises(ValueError, match="strategy 'ddp_spawn': an experiment on several"):
+        launch_processes({"accelerator": "cpu", "devices": 2, "strategy": "ddp_spawn"})
+    monkeypatch.setenv("WORLD_SIZE", "2")  # started by torchrun as one of two
+    with pytest.raises(ValueError, match="one of 2 that were started together"):
+        launch_processes({"accelerator": "cpu", "devices": 1, "strategy": "auto"})

@@ -70,6 +70,13 @@ def launch_processes(settings: dict[str, Any]) -> Processes:
     settings = {key: settings[key] for key in LAUNCH_SETTINGS if key in settings}
     strategy = settings.pop("strategy", "auto")
     if Fabric(**settings).world_size == 1:
+        launched = int(os.environ.get("WORLD_SIZE", "1"))  # what torchrun (or a launcher) set
+        if launched > 1:
+            raise ValueError(
+                f"this process is one of {launched} that were started together, but the "
+                "experiment's trainer settings ask for one: set trainer_overrides to "
+                "{devices: <processes per node>, num_nodes: <nodes>, strategy: ddp}"
+            )
         return Processes()
     if strategy not in ("auto", "ddp") and not str(strategy).startswith("ddp_find_unused"):
         raise ValueError(
