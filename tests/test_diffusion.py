@@ -219,6 +219,22 @@ def test_features_are_bit_identical_in_any_batch(trained_module):
     assert not torch.equal(source(images[:1], [0])[source.keys[0]], whole[source.keys[0]][:1])
 
 
+def test_concatenated_timesteps_are_each_timestep_side_by_side(trained_module):
+    layers = ["enc.0.0", "mid.0"]
+    per_timestep = _features(trained_module, layers=layers, pooling="avg_std", noise_draws=2)
+    concatenated = _features(
+        trained_module, layers=layers, pooling="avg_std", noise_draws=2, concat_timesteps=True
+    )
+    assert concatenated.keys == [("enc.0.0", None), ("mid.0", None)]
+    assert concatenated.fingerprint() != per_timestep.fingerprint()  # another feature cache
+    images, indices = torch.randn(3, 1, 16, 16), torch.arange(3)
+    separate, joined = per_timestep(images, indices), concatenated(images, indices)
+    for layer in layers:
+        expected = torch.cat([separate[(layer, t)] for t in (1, 10, 50)], dim=1)
+        assert torch.equal(joined[(layer, None)], expected)
+        assert concatenated.feature_dims()[(layer, None)] == expected.shape[1]
+
+
 def test_features_do_not_depend_on_loader_workers(trained_module, datamodule):
     source = _features(trained_module, layers=["dec.0.2"], timesteps=(10,))
 

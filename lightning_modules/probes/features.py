@@ -187,6 +187,9 @@ class DiffusionFeatures(FeatureSource):
         seed: seed of the per-image noise.
         stack_timesteps: run all timesteps as one batch (faster on GPUs, more memory). Results
             equal the unstacked ones up to float rounding, not bit for bit.
+        concat_timesteps: one key per layer, ``(layer, None)``, whose features are those of
+            every timestep side by side (a readout across noise levels) instead of one key per
+            (layer, timestep).
         micro_batch: the U-Net always runs on exactly this many images (see ``FeatureSource``).
         weights: ``ema`` (default) or ``raw`` training weights.
     """
@@ -201,6 +204,7 @@ class DiffusionFeatures(FeatureSource):
         noise_draws: int = 1,
         seed: int = 0,
         stack_timesteps: bool = False,
+        concat_timesteps: bool = False,
         micro_batch: int = 16,
         weights: Literal["ema", "raw"] = "ema",
     ) -> None:
@@ -210,13 +214,13 @@ class DiffusionFeatures(FeatureSource):
         unet = module.ema if weights == "ema" else module.unet
         self._build(
             unet, module.schedule, layers, timesteps, pooling, pool_size, noise_draws, seed,
-            stack_timesteps, micro_batch,
+            stack_timesteps, concat_timesteps, micro_batch,
         )  # fmt: skip
         self.init_args = {
             "checkpoint": os.path.abspath(path), "layers": list(layers),
             "timesteps": [int(t) for t in timesteps], "pooling": pooling, "pool_size": pool_size,
             "noise_draws": noise_draws, "seed": seed, "stack_timesteps": stack_timesteps,
-            "micro_batch": micro_batch, "weights": weights,
+            "concat_timesteps": concat_timesteps, "micro_batch": micro_batch, "weights": weights,
         }  # fmt: skip
 
     @classmethod
@@ -246,6 +250,7 @@ class DiffusionFeatures(FeatureSource):
         noise_draws: int,
         seed: int,
         stack_timesteps: bool,
+        concat_timesteps: bool,
         micro_batch: int,
     ) -> None:
         schedule.check(list(timesteps))
@@ -258,9 +263,13 @@ class DiffusionFeatures(FeatureSource):
         self.timesteps = [int(t) for t in timesteps]
         self.pooling, self.pool_size = pooling, pool_size
         self.noise_draws, self.seed = noise_draws, seed
-        self.stack_timesteps = stack_timesteps
+        self.stack_timesteps, self.concat_timesteps = stack_timesteps, concat_timesteps
         self.micro_batch = micro_batch
-        self.keys = [(layer, t) for t in self.timesteps for layer in self.layers]
+        self.keys = (
+            [(layer, None) for layer in self.layers]
+            if concat_timesteps
+            else [(layer, t) for t in self.timesteps for layer in self.layers]
+        )
 
     def settings(self) -> dict:
         return {
@@ -271,11 +280,13 @@ class DiffusionFeatures(FeatureSource):
             "pool_size": self.pool_size,
             "noise_draws": self.noise_draws,
             "seed": self.seed,
+            "concat_timesteps": self.concat_timesteps,
             "schedule": [self.schedule.kind, self.schedule.timesteps],
         }
 
     def feature_dims(self) -> dict[FeatureKey, int]:
         factor = {"avg": 1, "avg_std": 2, "adaptive": self.pool_size**2}[self.pooling]
+        factor *= len(self.timesteps) if self.concat_timesteps else 1
         return {(layer, t): self.unet.info[layer].channels * factor for layer, t in self.keys}
 
     def micro_batch_features(
@@ -300,6 +311,11 @@ class DiffusionFeatures(FeatureSource):
                     for chunk, t in zip(pooled.split(len(images)), group_timesteps, strict=True):
                         key = (layer, t)
                         sums[key] = sums[key] + chunk if key in sums else chunk
+        if self.concat_timesteps:
+            sums = {
+                (layer, None): torch.cat([sums[(layer, t)] for t in self.timesteps], dim=1)
+                for layer in self.layers
+            }
         return {key: sums[key] / self.noise_draws for key in self.keys}
 
 
