@@ -51,7 +51,8 @@ def test_smoke_experiment_killed_mid_stage_resumes_and_reports_every_method(tmp_
     # A report of the unfinished run says what it lacks.
     assert main(["report", str(out)]) == 0
     partial = (out / "report.md").read_text()
-    assert "Not in the tables (not evaluated yet): probe_diffusion_balanced, supervised_" in partial
+    missing = "probe_diffusion_balanced, probe_diffusion_concat_t_balanced, probe_diffusion_pool"
+    assert f"Not in the tables (not evaluated yet): {missing}" in partial
 
     capsys.readouterr()
     assert main(["experiment", "--config", str(SMOKE), "--out", str(out)]) == 0
@@ -65,6 +66,7 @@ def test_smoke_experiment_killed_mid_stage_resumes_and_reports_every_method(tmp_
 
     rows = [row.label for row in table_rows(json.loads((out / "experiment.json").read_text()))]
     assert rows[2:] == [
+        "diffusion timesteps concatenated (per layer)", "diffusion 2x2 pooling",
         "supervised end to end", "supervised probe", "SimCLR probe", "DINO probe", "MAE probe",
         "raw pixels (logistic regression)",
     ]  # fmt: skip

@@ -54,7 +54,9 @@ TOP_KEYS = (
 )  # fmt: skip
 BUDGET_KINDS = ("epochs", "images", "minutes")
 METHOD_KEYS = ("config", "max_epochs", "overrides")
-PROBE_KEYS = ("diffusion", "encoder", "pixels")
+PROBE_KEYS = ("diffusion", "readouts", "encoder", "pixels")
+# A readout: another probe of the diffusion features, beside the best (layer, t) pair.
+READOUT_KEYS = ("label", "max_epochs", "overrides")
 CLUSTERING_KEYS = ("split",)
 
 
@@ -129,6 +131,7 @@ class Experiment:
     diffusion: MethodRun
     baselines: dict[str, MethodRun]
     probe_diffusion: MethodRun
+    readouts: dict[str, MethodRun]
     probe_encoder: MethodRun | None
     probe_pixels: MethodRun | None
     clustering_split: str
@@ -176,6 +179,18 @@ class Experiment:
                 f"{path}: baselines {unknown} are not registered; choose among {list(BASELINES)}"
             )
         probes = settings["probes"] or {}
+        probe_diffusion = method(probes.get("diffusion"), "probes.diffusion")
+        readouts = {}
+        for name, readout in (probes.get("readouts") or {}).items():
+            where = f"{path}: probes.readouts.{name}"
+            if not str(name).isidentifier():
+                raise ValueError(f"{where}: a readout's name must be a word (letters, _, digits)")
+            check_keys(readout, READOUT_KEYS, where)
+            readouts[name] = MethodRun(
+                probe_diffusion.config,
+                int((readout or {}).get("max_epochs", probe_diffusion.max_epochs)),
+                probe_diffusion.overrides | ((readout or {}).get("overrides") or {}),
+            )
         regimes = list(settings.get("regimes", ["balanced", "long_tailed"]))
         if not regimes or set(regimes) - {"balanced", "long_tailed"}:
             raise ValueError(f"{path}: regimes must be among balanced, long_tailed; got {regimes}")
@@ -193,7 +208,8 @@ class Experiment:
                 for name in BASELINES
                 if name in baselines
             },
-            probe_diffusion=method(probes.get("diffusion"), "probes.diffusion"),
+            probe_diffusion=probe_diffusion,
+            readouts=readouts,
             probe_encoder=method(probes.get("encoder"), "probes.encoder") if baselines else None,
             probe_pixels=method(probes["pixels"], "probes.pixels") if "pixels" in probes else None,
             clustering_split=(settings.get("clustering") or {}).get("split", "test"),
@@ -477,10 +493,17 @@ class ExperimentRunner:
                 self.finish(run)
 
     def stage_probes(self) -> None:
+        diffusion = self.checkpoint_argument(self.checkpoint("diffusion"))
         for regime in self.experiment.regimes:
-            for name, (method, checkpoint) in self.feature_sources(regime).items():
+            probes = {
+                name: (method, self.checkpoint_argument(checkpoint))
+                for name, (method, checkpoint) in self.feature_sources(regime).items()
+            }
+            for name, method in self.experiment.readouts.items():
+                probes[f"diffusion_{name}"] = (method, diffusion)
+            for name, (method, checkpoint_argument) in probes.items():
                 run = f"probe_{name}_{regime}"
-                cli, _ = self.fit(run, method, regime, self.checkpoint_argument(checkpoint))
+                cli, _ = self.fit(run, method, regime, checkpoint_argument)
                 if cli is not None:
                     self._evaluate(cli, run, regime, name)
                     self.finish(run)

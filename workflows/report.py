@@ -55,12 +55,15 @@ def experiment_baselines(experiment: dict) -> list[str]:
 
 
 def table_rows(experiment: dict) -> list[Row]:
-    """The diffusion rows, then per baseline its end-to-end row (a method that learns from
-    labels is a classifier itself) and its probe."""
+    """The diffusion rows (the best pair, the fusion, every readout), then per baseline its
+    end-to-end row (a method that learns from labels is a classifier itself) and its probe."""
     rows = [
         Row("diffusion best (layer, t)", "probe_diffusion", "best_"),
         Row("diffusion fusion (top-k keys)", "probe_diffusion", "fusion_"),
     ]
+    for name, readout in ((experiment.get("probes") or {}).get("readouts") or {}).items():
+        label = (readout or {}).get("label", name.replace("_", " "))
+        rows.append(Row(f"diffusion {label}", f"probe_diffusion_{name}", "best_"))
     for name in experiment_baselines(experiment):
         method = METHODS[name]
         if method.per_regime:
