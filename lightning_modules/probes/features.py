@@ -198,7 +198,7 @@ class DiffusionFeatures(FeatureSource):
         self,
         checkpoint: str,
         layers: Sequence[str | int] = ("*",),
-        timesteps: Sequence[int] = (1, 5, 10, 25, 50, 100, 200, 400),
+        timesteps: Sequence[int] = (1, 2, 3, 5, 8, 11, 16, 25, 50, 100, 200),
         pooling: Pooling = "avg",
         pool_size: int = 2,
         noise_draws: int = 1,
