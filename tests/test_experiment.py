@@ -173,6 +173,12 @@ def test_an_experiment_runs_any_subset_of_the_registered_baselines(tmp_path, cap
     assert main(["experiment", "--config", str(unknown)]) == 2
     assert "baselines ['byol'] are not registered; choose among" in capsys.readouterr().err
 
+    misspelt = tmp_path / "misspelt.yaml"
+    misspelt.write_text(subset.read_text().replace("pool_2x2:", "pool_2x2:\n      overides: {}"))
+    assert main(["experiment", "--config", str(misspelt)]) == 2
+    error = capsys.readouterr().err
+    assert "probes.readouts.pool_2x2: unknown key 'overides'; did you mean 'overrides'?" in error
+
 
 def test_one_budget_for_every_pretraining_run(tmp_path, capsys):
     import lightning as L
