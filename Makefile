@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PYTHON) benchmarks/training_throughput.py
 	$(PYTHON) benchmarks/diffusion_throughput.py
 	$(PYTHON) benchmarks/online_probe.py
+	$(PYTHON) benchmarks/scale.py
 
 tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir runs

@@ -13,7 +13,6 @@ a synthetic set of similar size; ``--quick`` uses about 3,000 images.
 from __future__ import annotations
 
 import csv
-import json
 import statistics
 import tempfile
 import time
@@ -25,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.datamodule import PlanktonDataModule, PlanktonImages
 from datamodules.preprocessing import IMAGE_SUFFIXES, Preprocessing, load_preprocessed
+from datamodules.sources import scan
 from datamodules.synthetic import SyntheticPlankton, ensure_dataset
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ndsb_isiis"
@@ -38,10 +38,10 @@ QUICK_SYNTHETIC = SyntheticPlankton(classes=12, per_class=250, imbalance=1.0, do
 class DecodedImages(Dataset):
     """The items of ``cached``, decoded and preprocessed from the original files on every access."""
 
-    def __init__(self, cached: PlanktonImages, settings: Preprocessing) -> None:
-        # The cache's index names the file behind every row of the cached array.
-        files = json.loads(cached.cache_path.with_suffix(".json").read_text())["files"]
-        self.paths = [files[row] for row in cached.rows]
+    def __init__(self, cached: PlanktonImages, source: str, settings: Preprocessing) -> None:
+        # Row i of the cached array holds the i-th record of the source's scan.
+        records = scan(source).records
+        self.paths = [records[row].path for row in cached.rows]
         self.labels = cached.labels
         self.settings = settings
         self.transform = cached.transform
@@ -115,7 +115,7 @@ def main() -> None:
         datamodule.setup()
         cache_build_s = time.perf_counter() - start
         cached = datamodule.dataset("train")
-        decoded = DecodedImages(cached, datamodule.preprocessing)
+        decoded = DecodedImages(cached, source, datamodule.preprocessing)
         check_same_items(cached, decoded)
         # PIL first: timed right after the cache was written, the cached epochs varied 4x from
         # run to run (45,000 to 185,000 img/s), most likely while the kernel flushed it to disk.

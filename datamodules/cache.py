@@ -1,9 +1,9 @@
 """The on-disk cache of preprocessed images: decode every file once, read epochs from memory.
 
-A cache is an ``ArrayStore`` entry: uint8 images ``(N, C, S, S)`` opened memory-mapped, and an
-index listing the files and those that failed to decode. Its key hashes the preprocessing settings
-and every file's path, size and modification time, so a changed file or setting gives another key
-and the stale cache is never used.
+A cache is an ``ArrayStore`` entry: uint8 images ``(N, C, S, S)`` opened memory-mapped (row ``i``
+is the ``i``-th record), and an index listing the files that failed to decode. Its key hashes the
+preprocessing settings and every file's path, size and modification time, so a changed file or
+setting gives another key and the stale cache is never used.
 
 A stale cache is not deleted here: another process (a ``plankton fit`` on the same source) may be
 reading it. ``plankton cache clean`` removes the caches no running process holds a lease on.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -21,13 +22,17 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_info
 from tqdm import tqdm
 
 from .preprocessing import ImageReadError, Preprocessing, load_preprocessed
 from .sources import ImageRecord, Skipped
 from .store import ArrayStore
 
-CACHE_VERSION = 2  # 2: the index holds the array's checksum
+# 2: the index holds the array's checksum. 3: it lists only the files that failed: a list of
+# every file made it grow with the dataset, and writing and parsing it took about 300 bytes of
+# memory an image at every build and load (benchmarks/scale.py), beyond the scanned records.
+CACHE_VERSION = 3
 
 
 def default_cache_dir() -> Path:
@@ -82,6 +87,7 @@ def load_or_build(
     cached = _load(store, key, shape)
     if cached is not None:
         return cached
+    _check_space(folder, shape)
     failed = store.write_array(
         key, shape, np.uint8, lambda images: _fill(images, records, settings, num_workers, progress)
     )
@@ -91,13 +97,31 @@ def load_or_build(
             "source": source_name,
             "settings": settings.as_dict(),
             "shape": list(shape),
-            "failed": [[i, reason] for i, reason in failed],
-            "files": [str(r.path) for r in records],
+            "failed": [[i, str(records[i].path), reason] for i, reason in failed],
         },
     )
     cached = _load(store, key, shape)
     assert cached is not None, f"cache {store.array_path(key)} unreadable right after writing it"
     return cached
+
+
+def _check_space(folder: Path, shape: tuple[int, ...]) -> None:
+    """Print what the cache will take on disk before writing it, and refuse a disk that cannot
+    hold it rather than fail halfway through a long build."""
+    size = int(np.prod(shape))  # one byte a pixel; the index lists only failures
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    count, channels, side, _ = shape
+    rank_zero_info(
+        f"image cache: {count} images x {channels}x{side}x{side} px = {size / 2**20:.1f} MiB "
+        f"in {folder}"
+    )
+    if size > 0.95 * free:
+        raise OSError(
+            f"the image cache needs {size / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB are "
+            f"free in {folder}: free some space, set data.cache_dir (or $PLANKTON_CACHE) "
+            "elsewhere, or use a smaller image_size"
+        )
 
 
 def _load(store: ArrayStore, key: str, shape: tuple[int, ...]) -> CachedImages | None:
@@ -106,9 +130,9 @@ def _load(store: ArrayStore, key: str, shape: tuple[int, ...]) -> CachedImages |
         return None
     readable = np.ones(shape[0], dtype=bool)
     failed = []
-    for i, reason in stored.index["failed"]:
+    for i, path, reason in stored.index["failed"]:
         readable[i] = False
-        failed.append(Skipped(stored.index["files"][i], reason))
+        failed.append(Skipped(path, reason))
     return CachedImages(stored.array, readable, failed, store.array_path(key))
 
 

@@ -1,3 +1,4 @@
+import json
 import os
 
 import numpy as np
@@ -78,6 +79,25 @@ def test_crash_during_build_leaves_no_cache(folder, tmp_path, monkeypatch):
     files = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
     leftovers = [p for p in files if ".lease." not in p.name]  # this process's lease, until exit
     assert leftovers == []
+
+
+def test_a_disk_too_small_for_the_image_cache_is_a_clear_error(folder, tmp_path, monkeypatch):
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10, 10, 100))
+    with pytest.raises(OSError, match="needs .* GiB but only .* GiB are free"):
+        _build(folder, tmp_path / "cache")
+    assert not list((tmp_path / "cache").rglob("*.npy"))
+
+
+def test_the_index_lists_the_failed_files_only(folder, tmp_path):
+    # A list of every file would make the index, and the memory of every load, grow with the set.
+    _, cached = _build(folder, tmp_path / "cache")
+    index = json.loads(cached.path.with_suffix(".json").read_text())
+    assert "files" not in index
+    assert [path for _, path, _ in index["failed"]] == [str(folder / "diatom" / "broken.png")]
 
 
 def test_parallel_build_equals_serial_build(folder, tmp_path):

@@ -27,7 +27,7 @@ def data(tiny_spec):
 
 def _attach(data, module=None):
     data.trainer = SimpleNamespace(
-        lightning_module=module, strategy=SimpleNamespace(root_device=CPU)
+        lightning_module=module, strategy=SimpleNamespace(root_device=CPU), world_size=1
     )
 
 

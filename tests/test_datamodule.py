@@ -10,6 +10,7 @@ from conftest import shared_dataset
 from PIL import Image
 
 from datamodules import PlanktonDataModule
+from datamodules.sources import scan
 from datamodules.views import eval_view
 from lightning_modules.baselines.dino import dino_view
 from lightning_modules.baselines.simclr import simclr_view
@@ -158,12 +159,9 @@ def test_whoi_layout_uses_the_last_year_as_test(tmp_path):
 
 
 def _keys(dm, split):
-    cache_index = dm.dataset(split).cache_path.with_suffix(".json")
-    import json
-
-    files = json.loads(cache_index.read_text())["files"]
-    root = "/whoi/"
-    return [files[r].split(root, 1)[1] for r in dm.dataset(split).rows]
+    # The cache's row i holds the i-th record of the source's scan.
+    records = scan(dm.source).records
+    return [records[r].key for r in dm.dataset(split).rows]
 
 
 def test_ecotaxa_export(tmp_path):
@@ -239,6 +237,7 @@ def test_train_view_comes_from_the_model(class_folders, tmp_path):
     class FakeTrainer:
         lightning_module = WithView()
         strategy = SimpleNamespace(root_device=torch.device("cpu"))
+        world_size = 1
 
     dm = _module(class_folders, tmp_path, batch_size=4)
     dm.trainer = FakeTrainer()
