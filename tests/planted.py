@@ -50,3 +50,41 @@ class PlantedFeatures(FeatureSource):
             ]
         )
         return {("pixels", 0): images.flatten(1) * self.scale, ("noise", 0): noise}
+
+
+class PlantedTokens(FeatureSource):
+    """One key of 16 tokens x 5 channels, as ``DiffusionFeatures`` with ``pooling: tokens`` gives
+    them: 15 noise tokens and, at a position drawn from the image index, one token marked by its
+    first channel that holds the class (read from the planted pixel) in the others. The average
+    of the tokens drowns the class in the noise; attending to the marked token finds it.
+    ``averaged`` hands the probe that average instead (5 features)."""
+
+    TOKENS, CHANNELS = 16, 1 + CLASSES
+
+    def __init__(self, averaged: bool = False) -> None:
+        super().__init__()
+        self.averaged = averaged
+        self.keys = [("tokens", 0)]
+        self.register_buffer("scale", torch.ones(1))
+
+    def feature_dims(self):
+        return {("tokens", 0): self.CHANNELS * (1 if self.averaged else self.TOKENS)}
+
+    def token_channels(self):
+        return {("tokens", 0): self.CHANNELS}
+
+    def settings(self):
+        return {"planted_tokens": self.averaged}
+
+    def forward(self, images, indices):
+        rows = []
+        for image, index in zip(images, indices.tolist(), strict=True):
+            generator = torch.Generator().manual_seed(int(index))
+            tokens = torch.randn(self.TOKENS, self.CHANNELS, generator=generator) * 3
+            tokens[:, 0] = 0
+            marked = int(torch.randint(self.TOKENS, (1,), generator=generator))
+            tokens[marked] = 0
+            tokens[marked, 0] = 5
+            tokens[marked, 1 + int(image[0, 0, :CLASSES].argmax())] = 3
+            rows.append(tokens.mean(0) if self.averaged else tokens.flatten())
+        return {("tokens", 0): torch.stack(rows)}

@@ -235,6 +235,20 @@ def test_concatenated_timesteps_are_each_timestep_side_by_side(trained_module):
         assert concatenated.feature_dims()[(layer, None)] == expected.shape[1]
 
 
+def test_tokens_are_every_position_of_a_layer_for_an_attention_head(trained_module):
+    images, indices = torch.randn(2, 1, 16, 16), torch.arange(2)
+    tokens = _features(trained_module, layers=["enc.1.0"], timesteps=(10,), pooling="tokens")
+    averaged = _features(trained_module, layers=["enc.1.0"], timesteps=(10,))
+    [key] = tokens.keys
+    channels = tokens.token_channels()[key]
+    features = tokens(images, indices)[key]
+    assert features.shape[1] == tokens.feature_dims()[key] == channels * 8 * 8  # 8 x 8 map
+    positions = features.reshape(2, -1, channels)  # position after position
+    assert torch.allclose(positions.mean(1), averaged(images, indices)[key], atol=1e-5)
+    with pytest.raises(ValueError, match="set the features' pooling: tokens"):
+        averaged.token_channels()
+
+
 def test_features_do_not_depend_on_loader_workers(trained_module, datamodule):
     source = _features(trained_module, layers=["dec.0.2"], timesteps=(10,))
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_script
-from planted import CLASSES, PlantedFeatures, write_planted_images
+from planted import CLASSES, PlantedFeatures, PlantedTokens, write_planted_images
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 
@@ -257,3 +257,23 @@ def test_cached_predictions_read_the_feature_cache_and_match_the_online_path(
     with torch.no_grad():
         online = probe.probabilities(probe.classify(images, indices))  # calibrated
     assert passes and torch.allclose(predicted, online, atol=1e-6)
+
+
+def test_the_attention_head_finds_the_token_that_averaging_drowns(planted_root, tmp_path):
+    settings = {"epochs": 30, "test": False, "solver": "adamw", "lr": 0.05}
+    attention, _ = _fit(planted_root, tmp_path / "attention", features=PlantedTokens(),
+                        head="attention", **settings)  # fmt: skip
+    averaged, _ = _fit(planted_root, tmp_path / "averaged", features=PlantedTokens(True),
+                       **settings)  # fmt: skip
+    assert sum(p.numel() for p in attention.parameters() if p.requires_grad) == 5 + 5 * 4 + 4
+    assert float(attention.val_acc[0]) > 0.9
+    assert float(averaged.val_acc[0]) < float(attention.val_acc[0]) - 0.3
+
+
+def test_the_attention_head_needs_one_key_of_tokens_and_a_gradient_solver(planted_root):
+    with pytest.raises(ValueError, match="spatial tokens of one .* these features have 2 keys"):
+        ProbeModule(PlantedFeatures(), head="attention", num_classes=CLASSES, image_size=8,
+                    class_names=[str(c) for c in range(CLASSES)])  # fmt: skip
+    with pytest.raises(ValueError, match="not a convex problem: use solver adamw or sgd"):
+        ProbeModule(PlantedTokens(), head="attention", solver="lbfgs", num_classes=CLASSES,
+                    image_size=8, class_names=[str(c) for c in range(CLASSES)])  # fmt: skip

@@ -28,7 +28,7 @@ from ..diffusion.noise_schedule import NoiseSchedule
 from ..diffusion.per_image_noise import per_image_noise
 from ..diffusion.unet import UNet
 
-Pooling = Literal["avg", "avg_std", "adaptive"]
+Pooling = Literal["avg", "avg_std", "adaptive", "tokens"]
 # (layer, timestep); encoders without timesteps use (name, None).
 FeatureKey = tuple[str, int | None]
 
@@ -66,7 +66,9 @@ def pool(h: torch.Tensor, pooling: Pooling, pool_size: int = 2) -> torch.Tensor:
         return torch.cat([h.mean(dim=(2, 3)), h.std(dim=(2, 3), correction=0)], dim=1)
     if pooling == "adaptive":
         return F.adaptive_avg_pool2d(h, pool_size).flatten(1)
-    raise ValueError(f"pooling must be 'avg', 'avg_std' or 'adaptive', got {pooling!r}")
+    if pooling == "tokens":  # every position's channels, position after position
+        return h.flatten(2).transpose(1, 2).flatten(1)
+    raise ValueError(f"pooling must be 'avg', 'avg_std', 'adaptive' or 'tokens', got {pooling!r}")
 
 
 def capture(
@@ -180,8 +182,9 @@ class DiffusionFeatures(FeatureSource):
             pattern such as ``runs/diffusion/version_*/checkpoints/last.ckpt`` for the newest.
         layers: block names, patterns (``dec.*``) or resolutions (``16``).
         timesteps: noise levels, each in [0, T).
-        pooling: ``avg`` (global average), ``avg_std`` (average and standard deviation) or
-            ``adaptive`` (``pool_size`` x ``pool_size`` average, flattened).
+        pooling: ``avg`` (global average), ``avg_std`` (average and standard deviation),
+            ``adaptive`` (``pool_size`` x ``pool_size`` average, flattened) or ``tokens`` (no
+            pooling: every position's channels, for a probe's attention-pooling head).
         pool_size: side of the adaptive pooling grid.
         noise_draws: average the features over this many noise samples.
         seed: seed of the per-image noise.
@@ -285,9 +288,29 @@ class DiffusionFeatures(FeatureSource):
         }
 
     def feature_dims(self) -> dict[FeatureKey, int]:
-        factor = {"avg": 1, "avg_std": 2, "adaptive": self.pool_size**2}[self.pooling]
-        factor *= len(self.timesteps) if self.concat_timesteps else 1
-        return {(layer, t): self.unet.info[layer].channels * factor for layer, t in self.keys}
+        factor = {"avg": 1, "avg_std": 2, "adaptive": self.pool_size**2, "tokens": 1}
+        positions = {
+            layer: self.unet.info[layer].resolution ** 2 if self.pooling == "tokens" else 1
+            for layer in self.layers
+        }
+        times = len(self.timesteps) if self.concat_timesteps else 1
+        return {
+            (layer, t): self.unet.info[layer].channels
+            * factor[self.pooling]
+            * positions[layer]
+            * times
+            for layer, t in self.keys
+        }
+
+    def token_channels(self) -> dict[FeatureKey, int]:
+        """The channels of each key's tokens (its features are positions x channels), for an
+        attention-pooling head."""
+        if self.pooling != "tokens" or self.concat_timesteps:
+            raise ValueError(
+                "an attention-pooling head reads a layer's spatial tokens: set the features' "
+                "pooling: tokens (and concat_timesteps: false)"
+            )
+        return {(layer, t): self.unet.info[layer].channels for layer, t in self.keys}
 
     def micro_batch_features(
         self, images: torch.Tensor, indices: torch.Tensor

@@ -63,6 +63,11 @@ class ProbeModule(CalibratedClassifier):
         select_metric: validation metric that chooses the best key.
         fusion_top_k: after fitting, a head on the concatenated features of the top-k keys is
             trained with L-BFGS and reported beside the best single key (0 disables it).
+        head: ``linear`` (a linear probe), or ``attention``: NOT linear, an attention-pooling
+            head over one key's spatial tokens (features with ``pooling: tokens``): a learned
+            query weighs the positions (softmax of their match with it), and a linear layer
+            reads the weighted average (channels + channels x classes parameters, as diffssl's
+            attention head). Trained by AdamW or SGD (the problem is not convex).
         augment: online mode only: flips and 90-degree rotations of the training images.
         cache_dir: feature cache folder; None: the data's cache folder (``$PLANKTON_CACHE``
             by default). A path of this machine, so not saved in the checkpoint.
@@ -87,15 +92,18 @@ class ProbeModule(CalibratedClassifier):
         convergence_tol: float = 1e-3,
         select_metric: Literal["macro_f1", "acc"] = "macro_f1",
         fusion_top_k: int = 3,
+        head: Literal["linear", "attention"] = "linear",
         augment: bool = False,
         cache_dir: str | None = None,
         extract_batch_size: int = 64,
         **data: object,
     ) -> None:
         super().__init__(**data)
-        self.solver = solver or ("lbfgs" if mode == "cached" else "adamw")
+        self.solver = solver or ("lbfgs" if mode == "cached" and head == "linear" else "adamw")
         if self.solver == "lbfgs" and mode != "cached":
             raise ValueError("solver: lbfgs needs mode: cached (full-batch on stored features)")
+        if self.solver == "lbfgs" and head != "linear":
+            raise ValueError("head: attention is not a convex problem: use solver adamw or sgd")
         self.decay_grid = _decay_grid(weight_decay, self.solver)
         self.cache_dir = cache_dir
         self.automatic_optimization = self.solver != "lbfgs"
@@ -113,7 +121,10 @@ class ProbeModule(CalibratedClassifier):
         self.norm = (
             nn.BatchNorm1d(heads * width, affine=False) if standardize == "batchnorm" else None
         )
-        self.weight = nn.Parameter(torch.zeros(heads, width, num_classes))
+        # The attention head's linear layer reads the channels of one pooled token.
+        head_width = self._attention_channels(features) if head == "attention" else width
+        self.query = nn.Parameter(torch.zeros(1, head_width)) if head == "attention" else None
+        self.weight = nn.Parameter(torch.zeros(heads, head_width, num_classes))
         self.bias = nn.Parameter(torch.zeros(heads, num_classes))
         self.register_buffer("log_prior", torch.zeros(num_classes))
         self.register_buffer("class_weight", torch.ones(num_classes))
@@ -134,6 +145,15 @@ class ProbeModule(CalibratedClassifier):
         self.epoch_loss = torch.zeros(heads)
         self.epoch_batches = 0
         self._cached: dict[str, torch.Tensor] = {}
+
+    def _attention_channels(self, features: FeatureSource) -> int:
+        if len(self.keys) != 1 or not hasattr(features, "token_channels"):
+            raise ValueError(
+                f"head: attention reads the spatial tokens of one (layer, timestep) key of "
+                f"DiffusionFeatures with pooling: tokens; these features have {len(self.keys)} "
+                "keys: give one layer and one timestep"
+            )
+        return features.token_channels()[self.keys[0]]
 
     # -- views and features --------------------------------------------------------------------
     def train_view(self, image_size: int, channels: int) -> View | None:
@@ -210,7 +230,19 @@ class ProbeModule(CalibratedClassifier):
         parameters or by ``weight`` and ``bias`` of their shapes."""
         weight = self.weight if weight is None else weight
         bias = self.bias if bias is None else bias
-        return torch.baddbmm(bias[:, None], self._normalize(x), weight)
+        x = self._normalize(x)
+        if self.query is not None:
+            x = self._attention_pool(x)
+        return torch.baddbmm(bias[:, None], x, weight)
+
+    def _attention_pool(self, x: torch.Tensor) -> torch.Tensor:
+        """``(1, batch, positions x channels)`` tokens to ``(1, batch, channels)``: their
+        average weighted by a softmax over positions of each token's match with the query."""
+        keys, batch, _ = x.shape
+        channels = self.query.shape[1]
+        tokens = x.reshape(keys, batch, -1, channels)
+        weights = (tokens @ self.query[:, None, :, None] / channels**0.5).softmax(dim=2)
+        return (weights * tokens).sum(dim=2)
 
     def head_losses(
         self,
@@ -564,7 +596,7 @@ class ProbeModule(CalibratedClassifier):
         write_csv_atomic(folder / "weight_decay_grid.csv", ["weight_decay", metric, "chosen"], rows)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        heads = [self.weight, self.bias]
+        heads = [self.weight, self.bias] + ([self.query] if self.query is not None else [])
         solver = self.solver
         if solver == "lbfgs":
             return lbfgs(heads, self.hparams.lbfgs_iterations)
