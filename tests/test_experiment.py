@@ -67,6 +67,7 @@ def test_smoke_experiment_killed_mid_stage_resumes_and_reports_every_method(tmp_
     rows = [row.label for row in table_rows(json.loads((out / "experiment.json").read_text()))]
     assert rows[2:] == [
         "diffusion timesteps concatenated (per layer)", "diffusion 2x2 pooling",
+        "diffusion attention-pooling head (non-linear)",
         "supervised end to end", "supervised probe", "SimCLR probe", "DINO probe", "MAE probe",
         "raw pixels (logistic regression)",
     ]  # fmt: skip
