@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -22,7 +21,6 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from lightning.pytorch.utilities import rank_zero_info
 from tqdm import tqdm
 
 from .preprocessing import ImageReadError, Preprocessing, load_preprocessed
@@ -87,7 +85,13 @@ def load_or_build(
     cached = _load(store, key, shape)
     if cached is not None:
         return cached
-    _check_space(folder, shape)
+    count, channels, side, _ = shape
+    store.check_space(
+        int(np.prod(shape)),  # one byte a pixel; the index lists only failures
+        "image cache",
+        f"{count} images x {channels}x{side}x{side} px",
+        "set data.cache_dir (or $PLANKTON_CACHE) elsewhere, or use a smaller image_size",
+    )
     failed = store.write_array(
         key, shape, np.uint8, lambda images: _fill(images, records, settings, num_workers, progress)
     )
@@ -103,25 +107,6 @@ def load_or_build(
     cached = _load(store, key, shape)
     assert cached is not None, f"cache {store.array_path(key)} unreadable right after writing it"
     return cached
-
-
-def _check_space(folder: Path, shape: tuple[int, ...]) -> None:
-    """Print what the cache will take on disk before writing it, and refuse a disk that cannot
-    hold it rather than fail halfway through a long build."""
-    size = int(np.prod(shape))  # one byte a pixel; the index lists only failures
-    folder.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(folder).free
-    count, channels, side, _ = shape
-    rank_zero_info(
-        f"image cache: {count} images x {channels}x{side}x{side} px = {size / 2**20:.1f} MiB "
-        f"in {folder}"
-    )
-    if size > 0.95 * free:
-        raise OSError(
-            f"the image cache needs {size / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB are "
-            f"free in {folder}: free some space, set data.cache_dir (or $PLANKTON_CACHE) "
-            "elsewhere, or use a smaller image_size"
-        )
 
 
 def _load(store: ArrayStore, key: str, shape: tuple[int, ...]) -> CachedImages | None:

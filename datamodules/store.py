@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import socket
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_info
 
 T = TypeVar("T")
 
@@ -156,6 +158,19 @@ class ArrayStore:
 
     def index_path(self, key: str) -> Path:
         return self.folder / f"{key}.json"
+
+    def check_space(self, size: int, name: str, contents: str, advice: str) -> None:
+        """Print the ``size`` in bytes of the entry about to be written (``name``: what the
+        store holds; ``contents``: the entry in words), and refuse a disk that cannot hold it
+        rather than fail halfway through a long build; ``advice`` says what else to do."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.folder).free
+        rank_zero_info(f"{name}: {contents} = {size / 2**20:.1f} MiB in {self.folder}")
+        if size > 0.95 * free:
+            raise OSError(
+                f"the {name} needs {size / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB are "
+                f"free in {self.folder}: free some space, {advice}"
+            )
 
     def is_current(self, index: dict) -> bool:
         """Whether an index is of this store's version. One without a checksum comes from

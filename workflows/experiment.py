@@ -493,17 +493,13 @@ class ExperimentRunner:
                 self.finish(run)
 
     def stage_probes(self) -> None:
-        diffusion = self.checkpoint_argument(self.checkpoint("diffusion"))
         for regime in self.experiment.regimes:
-            probes = {
-                name: (method, self.checkpoint_argument(checkpoint))
-                for name, (method, checkpoint) in self.feature_sources(regime).items()
-            }
-            for name, method in self.experiment.readouts.items():
-                probes[f"diffusion_{name}"] = (method, diffusion)
-            for name, (method, checkpoint_argument) in probes.items():
+            sources = self.feature_sources(regime)
+            for name, method in self.experiment.readouts.items():  # not clustered: a probe's
+                sources[f"diffusion_{name}"] = (method, self.checkpoint("diffusion"))
+            for name, (method, checkpoint) in sources.items():
                 run = f"probe_{name}_{regime}"
-                cli, _ = self.fit(run, method, regime, checkpoint_argument)
+                cli, _ = self.fit(run, method, regime, self.checkpoint_argument(checkpoint))
                 if cli is not None:
                     self._evaluate(cli, run, regime, name)
                     self.finish(run)

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from lightning.pytorch.strategies import Strategy
-from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
@@ -68,19 +66,12 @@ def load_or_extract(
     loaded = _load(store, name, len(dataset), source)
     if loaded is not None:
         return loaded
-    size = len(dataset) * total * 2
-    folder.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(folder).free
-    rank_zero_info(
-        f"feature cache: {len(dataset)} images x {total} features ({len(source.keys)} keys) "
-        f"= {size / 2**20:.1f} MiB in {folder}"
+    store.check_space(
+        len(dataset) * total * 2,  # float16
+        "feature cache",
+        f"{len(dataset)} images x {total} features ({len(source.keys)} keys)",
+        "set cache_dir elsewhere, or probe fewer layers/timesteps (or mode: online)",
     )
-    if size > 0.95 * free:
-        raise OSError(
-            f"the feature cache needs {size / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB are "
-            f"free in {folder}: free some space, set cache_dir elsewhere, or probe fewer "
-            "layers/timesteps (or mode: online)"
-        )
 
     def extract(images: Dataset) -> Callable[[np.ndarray], None]:
         def fill(array: np.ndarray) -> None:

@@ -288,17 +288,14 @@ class DiffusionFeatures(FeatureSource):
         }
 
     def feature_dims(self) -> dict[FeatureKey, int]:
-        factor = {"avg": 1, "avg_std": 2, "adaptive": self.pool_size**2, "tokens": 1}
-        positions = {
-            layer: self.unet.info[layer].resolution ** 2 if self.pooling == "tokens" else 1
-            for layer in self.layers
-        }
+        def per_channel(layer: str) -> int:
+            if self.pooling == "tokens":  # one value per position
+                return self.unet.info[layer].resolution ** 2
+            return {"avg": 1, "avg_std": 2, "adaptive": self.pool_size**2}[self.pooling]
+
         times = len(self.timesteps) if self.concat_timesteps else 1
         return {
-            (layer, t): self.unet.info[layer].channels
-            * factor[self.pooling]
-            * positions[layer]
-            * times
+            (layer, t): self.unet.info[layer].channels * per_channel(layer) * times
             for layer, t in self.keys
         }
 
