@@ -45,7 +45,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -62,6 +64,7 @@ from lightning_modules.diffusion.unet import UNet
 from lightning_modules.probes.feature_cache import load_or_extract
 from lightning_modules.probes.features import DiffusionFeatures
 
+T = TypeVar("T")
 SIZES, QUICK_SIZES = (50_000, 200_000), (5_000, 20_000)
 CLASSES, IMAGE_SIZE = 20, 16
 PHASES = ("scan", "cache", "features")
@@ -108,6 +111,13 @@ def feature_source() -> DiffusionFeatures:
     )
 
 
+def timed(call: Callable[[], T]) -> tuple[T, float, float]:
+    """What ``call`` returns, with its wall and CPU seconds."""
+    start, cpu = time.perf_counter(), time.process_time()
+    result = call()
+    return result, time.perf_counter() - start, time.process_time() - cpu
+
+
 def run_phase(phase: str, data: Path, caches: Path, count: int) -> dict:
     """One phase in this (fresh) process: its seconds and what it legitimately holds, in
     anonymous memory (``held``) and in memory-mapped arrays (``mapped``), in bytes."""
@@ -116,9 +126,7 @@ def run_phase(phase: str, data: Path, caches: Path, count: int) -> dict:
     if phase == "baseline":
         return {"held": 0, "mapped": 0}
     if phase == "scan":
-        start, cpu = time.perf_counter(), time.process_time()
-        records = scan(data).records
-        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        records, seconds, cpu = timed(lambda: scan(data).records)
         # The scan's output: every record, held until the process ends.
         held = status_bytes()["RssAnon"] - before["RssAnon"]
         return {"seconds": seconds, "cpu": cpu, "count": len(records), "held": held, "mapped": 0}
@@ -126,9 +134,9 @@ def run_phase(phase: str, data: Path, caches: Path, count: int) -> dict:
         records = scan(data).records
         held = status_bytes()["RssAnon"] - before["RssAnon"]  # the records, its input
         reset_peak()
-        start, cpu = time.perf_counter(), time.process_time()
-        cached = load_or_build(records, settings, caches, str(data), progress=False)
-        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        cached, seconds, cpu = timed(
+            lambda: load_or_build(records, settings, caches, str(data), progress=False)
+        )
         return {
             "seconds": seconds,
             "cpu": cpu,
@@ -145,9 +153,9 @@ def run_phase(phase: str, data: Path, caches: Path, count: int) -> dict:
     cache = next((caches / "images").rglob("*.npy"))
     images = PlanktonImages(cache, rows, labels, eval_view(IMAGE_SIZE, 1))
     reset_peak()
-    start, cpu = time.perf_counter(), time.process_time()
-    features = load_or_extract(source, images, caches, EXTRACT_BATCH, progress=False)
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    features, seconds, cpu = timed(
+        lambda: load_or_extract(source, images, caches, EXTRACT_BATCH, progress=False)
+    )
     returned = sum(f.numel() * f.element_size() for f in features.values())
     return {
         "seconds": seconds,
