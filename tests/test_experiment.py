@@ -263,8 +263,9 @@ def _children(pid):
 
 
 def _gone(pid, timeout=30):
+    """Whether process ``pid`` ends (exits, or is a zombie its parent has not reaped yet)."""
     deadline = time.monotonic() + timeout
-    while Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid):
+    while "zombie" not in _state(pid):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.2)
@@ -272,6 +273,7 @@ def _gone(pid, timeout=30):
 
 
 def _state(pid):
+    """The process's state line in ``/proc``; an exited process reads as a zombie."""
     try:
         return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0]
     except (FileNotFoundError, IndexError):
