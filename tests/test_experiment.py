@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,7 @@ def test_smoke_experiment_killed_mid_stage_resumes_and_reports_every_method(tmp_
     rows = [row.label for row in table_rows(json.loads((out / "experiment.json").read_text()))]
     assert rows[2:] == [
         "diffusion timesteps concatenated (per layer)", "diffusion 2x2 pooling",
+        "diffusion AdamW (same features)", "diffusion online probe's checkpoint",
         "diffusion attention-pooling head (non-linear)",
         "supervised end to end", "supervised probe", "SimCLR probe", "DINO probe", "MAE probe",
         "raw pixels (logistic regression)",
@@ -100,6 +102,13 @@ def test_smoke_experiment_killed_mid_stage_resumes_and_reports_every_method(tmp_
     for source in ("diffusion", "DINO", "MAE", "raw pixels"):  # clustering
         assert f"| {source} | " in report
     assert "| dino | " in report  # compute
+    # The readouts on validation: the solvers and the checkpoints compared on the same features,
+    # and the online probe's score after each diffusion epoch.
+    assert "| AdamW (same features) | adamw, linear | `last.ckpt` |" in report
+    assert "- Solvers on the same features: lbfgs (the grid)" in report
+    assert "- Checkpoints, same probe: `best_probe.ckpt`" in report
+    assert "| 1 | `" in report.split("The online probe during diffusion pretraining")[1]
+    assert (out / "runs" / "diffusion" / "checkpoints" / "best_probe.ckpt").is_file()
     assert list((out / "runs" / "simclr").glob("events.out.tfevents.*"))
     for compute in (out / "runs").glob("*/compute.json"):  # every run's training FLOPs
         assert json.loads(compute.read_text())["train_flops_per_image"] > 0, compute
@@ -179,6 +188,17 @@ def test_an_experiment_runs_any_subset_of_the_registered_baselines(tmp_path, cap
     assert main(["experiment", "--config", str(misspelt)]) == 2
     error = capsys.readouterr().err
     assert "probes.readouts.pool_2x2: unknown key 'overides'; did you mean 'overrides'?" in error
+
+    best = tmp_path / "best.yaml"
+    best_line = "pool_2x2:\n      checkpoint: best.ckpt"
+    best.write_text(subset.read_text().replace("pool_2x2:", best_line))
+    assert main(["experiment", "--config", str(best)]) == 2
+    error = capsys.readouterr().err
+    assert "probes.readouts.pool_2x2.checkpoint must be one of last.ckpt, best_probe.ckpt" in error
+    # A readout of the online probe's checkpoint, in a run whose diffusion never wrote one.
+    readout = replace(experiment.readouts["pool_2x2"], checkpoint="best_probe.ckpt")
+    with pytest.raises(FileNotFoundError, match="add the online probe to diffusion.overrides"):
+        runner.readout_checkpoint("pool_2x2", readout)
 
 
 def test_one_budget_for_every_pretraining_run(tmp_path, capsys):

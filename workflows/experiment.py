@@ -41,6 +41,7 @@ from lightning_modules import BASELINES, METHODS, load_diffusion
 from lightning_modules.common.abundance import abundance_errors
 from lightning_modules.common.figures import save_grid
 from lightning_modules.common.flops import StepFlops
+from lightning_modules.probes.online import BEST_PROBE_CHECKPOINT
 
 from .clustering import cluster_features
 from .distributed import GatheredPredictions, Processes, launch_processes
@@ -56,7 +57,9 @@ BUDGET_KINDS = ("epochs", "images", "minutes")
 METHOD_KEYS = ("config", "max_epochs", "overrides")
 PROBE_KEYS = ("diffusion", "readouts", "encoder", "pixels")
 # A readout: another probe of the diffusion features, beside the best (layer, t) pair.
-READOUT_KEYS = ("label", "max_epochs", "overrides")
+READOUT_KEYS = ("label", "max_epochs", "overrides", "checkpoint")
+# The diffusion checkpoints a readout may probe: the last, or the one OnlineProbe chose.
+READOUT_CHECKPOINTS = ("last.ckpt", BEST_PROBE_CHECKPOINT)
 CLUSTERING_KEYS = ("split",)
 
 
@@ -82,6 +85,7 @@ class MethodRun:
     config: Path
     max_epochs: int
     overrides: dict = field(default_factory=dict)
+    checkpoint: str = "last.ckpt"  # a readout's diffusion checkpoint (READOUT_CHECKPOINTS)
 
 
 @dataclass(frozen=True)
@@ -186,10 +190,18 @@ class Experiment:
             if not str(name).isidentifier():
                 raise ValueError(f"{where}: a readout's name must be a word (letters, _, digits)")
             check_keys(readout, READOUT_KEYS, where)
+            readout = readout or {}
+            checkpoint = readout.get("checkpoint", "last.ckpt")
+            if checkpoint not in READOUT_CHECKPOINTS:
+                raise ValueError(
+                    f"{where}.checkpoint must be one of {', '.join(READOUT_CHECKPOINTS)} (the "
+                    f"latter is written by lightning_modules.OnlineProbe), got {checkpoint!r}"
+                )
             readouts[name] = MethodRun(
                 probe_diffusion.config,
-                int((readout or {}).get("max_epochs", probe_diffusion.max_epochs)),
-                probe_diffusion.overrides | ((readout or {}).get("overrides") or {}),
+                int(readout.get("max_epochs", probe_diffusion.max_epochs)),
+                probe_diffusion.overrides | (readout.get("overrides") or {}),
+                checkpoint,
             )
         regimes = list(settings.get("regimes", ["balanced", "long_tailed"]))
         if not regimes or set(regimes) - {"balanced", "long_tailed"}:
@@ -275,6 +287,19 @@ class ExperimentRunner:
 
     def checkpoint(self, run: str) -> Path:
         return self.out / "runs" / run / "checkpoints" / "last.ckpt"
+
+    def readout_checkpoint(self, name: str, readout: MethodRun) -> Path:
+        """The diffusion checkpoint a readout probes; one that OnlineProbe never wrote is an
+        error that says how to get it."""
+        checkpoint = self.checkpoint("diffusion").with_name(readout.checkpoint)
+        if not checkpoint.is_file():
+            raise FileNotFoundError(
+                f"probes.readouts.{name} probes {checkpoint}, which the diffusion run did not "
+                "write: add the online probe to diffusion.overrides "
+                "(`trainer.callbacks+: lightning_modules.OnlineProbe`) and re-run with "
+                "--force diffusion, or drop the readout's `checkpoint`"
+            )
+        return checkpoint
 
     def regimes(self, name: str) -> list[str]:
         """A method that learns from labels is trained per regime, a label-free one once."""
@@ -496,7 +521,7 @@ class ExperimentRunner:
         for regime in self.experiment.regimes:
             sources = self.feature_sources(regime)
             for name, method in self.experiment.readouts.items():  # not clustered: a probe's
-                sources[f"diffusion_{name}"] = (method, self.checkpoint("diffusion"))
+                sources[f"diffusion_{name}"] = (method, self.readout_checkpoint(name, method))
             for name, (method, checkpoint) in sources.items():
                 run = f"probe_{name}_{regime}"
                 cli, _ = self.fit(run, method, regime, self.checkpoint_argument(checkpoint))

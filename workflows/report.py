@@ -19,6 +19,7 @@ from lightning_modules.common.abundance import ESTIMATORS, half_l1
 from lightning_modules.common.figures import abundance_figure, confusion_figure, save_figure
 
 from .experiment import STAGES
+from .report_readouts import online_probe_section, readouts_section
 
 PER_CLASS_SHOWN = 5
 # The floor every learned feature must clear: the probe of `probes: {pixels: ...}`.
@@ -568,6 +569,8 @@ def build_report(run_dir: str | Path) -> Path:
                 shutil.copy(heatmap, figures / f"heatmap_{regime}_{metric}.png")
                 lines.append(f"![{regime} {metric}](figures/heatmap_{regime}_{metric}.png)")
         lines += ["", *_resolution_table(run_dir, regime, blocks)]
+        lines += readouts_section(run_dir, experiment, regime)
+    lines += online_probe_section(run_dir)
     clustering = _clustering_table(run_dir, experiment)
     if clustering:
         lines += ["## k-means clustering", "", *clustering]
