@@ -14,12 +14,13 @@ import torch
 from sklearn.metrics import confusion_matrix, f1_score
 
 from datamodules.store import write_csv_atomic, write_text_atomic
-from lightning_modules import BASELINES, METHODS, load_diffusion
+from lightning_modules import BASELINES, METHODS, DiffusionModule
 from lightning_modules.common.abundance import ESTIMATORS, half_l1
 from lightning_modules.common.figures import abundance_figure, confusion_figure, save_figure
+from lightning_modules.common.module import load_checkpoint
 
 from .experiment import STAGES
-from .report_readouts import online_probe_section, readouts_section
+from .report_readouts import online_probe_section, readout_label, readouts_section
 
 PER_CLASS_SHOWN = 5
 # The floor every learned feature must clear: the probe of `probes: {pixels: ...}`.
@@ -63,8 +64,9 @@ def table_rows(experiment: dict) -> list[Row]:
         Row("diffusion fusion (top-k keys)", "probe_diffusion", "fusion_"),
     ]
     for name, readout in ((experiment.get("probes") or {}).get("readouts") or {}).items():
-        label = (readout or {}).get("label", name.replace("_", " "))
-        rows.append(Row(f"diffusion {label}", f"probe_diffusion_{name}", "best_"))
+        rows.append(
+            Row(f"diffusion {readout_label(name, readout)}", f"probe_diffusion_{name}", "best_")
+        )
     for name in experiment_baselines(experiment):
         method = METHODS[name]
         if method.per_regime:
@@ -187,10 +189,12 @@ def _main_tables(records: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def _unet_blocks(run_dir: Path) -> dict:
-    """The diffusion U-Net's block info (resolution of every layer), or {} before it is trained."""
-    checkpoint = run_dir / "runs" / "diffusion" / "checkpoints" / "last.ckpt"
-    return load_diffusion(checkpoint).ema.info if checkpoint.exists() else {}
+def _diffusion_checkpoint(run_dir: Path) -> tuple[Path, dict | None]:
+    """The diffusion run's checkpoint folder and its ``last.ckpt`` loaded (None before it is
+    trained), read once for the U-Net's blocks and the online probe's history."""
+    folder = run_dir / "runs" / "diffusion" / "checkpoints"
+    last = folder / "last.ckpt"
+    return folder, load_checkpoint(last) if last.exists() else None
 
 
 def _resolution_table(run_dir: Path, regime: str, info: dict) -> list[str]:
@@ -560,7 +564,9 @@ def build_report(run_dir: str | Path) -> Path:
         "## Diffusion features: layers x timesteps",
         "",
     ]
-    blocks = _unet_blocks(run_dir)
+    checkpoints, last = _diffusion_checkpoint(run_dir)
+    # The resolution of every U-Net block, for the table of the best probe per resolution.
+    blocks = DiffusionModule.from_checkpoint(last).ema.info if last is not None else {}
     for regime in regimes:
         folder = run_dir / "runs" / f"probe_diffusion_{regime}"
         for metric in ("acc", "macro_f1"):
@@ -570,7 +576,7 @@ def build_report(run_dir: str | Path) -> Path:
                 lines.append(f"![{regime} {metric}](figures/heatmap_{regime}_{metric}.png)")
         lines += ["", *_resolution_table(run_dir, regime, blocks)]
         lines += readouts_section(run_dir, experiment, regime)
-    lines += online_probe_section(run_dir)
+    lines += online_probe_section(checkpoints, last)
     clustering = _clustering_table(run_dir, experiment)
     if clustering:
         lines += ["## k-means clustering", "", *clustering]

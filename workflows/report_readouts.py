@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import torch
 import yaml
 
 from lightning_modules.probes.online import BEST_PROBE_CHECKPOINT
@@ -40,14 +39,22 @@ def _best_validation_row(folder: Path) -> dict | None:
         return next((r for r in rows if r["split"] == "val" and r["best"] == "True"), None)
 
 
+def readout_label(name: str, readout: dict | None) -> str:
+    """A readout's name in every table: its ``label``, else its key in words."""
+    return (readout or {}).get("label", name.replace("_", " "))
+
+
+def _feature_settings(settings: dict) -> dict:
+    return (settings.get("features") or {}).get("init_args") or {}
+
+
 def _features_of(settings: dict) -> dict:
-    features = (settings.get("features") or {}).get("init_args") or {}
+    features = _feature_settings(settings)
     return {name: features.get(name) for name in FEATURE_SETTINGS}
 
 
 def _checkpoint_name(settings: dict) -> str:
-    features = (settings.get("features") or {}).get("init_args") or {}
-    return Path(str(features.get("checkpoint", "last.ckpt"))).name
+    return Path(str(_feature_settings(settings).get("checkpoint", "last.ckpt"))).name
 
 
 def _key(row: dict) -> str:
@@ -59,10 +66,8 @@ def readouts_section(run_dir: Path, experiment: dict, regime: str) -> list[str]:
     features and the online probe's choice against ``last.ckpt``; [] before any probe ran."""
     readouts = (experiment.get("probes") or {}).get("readouts") or {}
     probes = {"the grid (best pair)": "probe_diffusion"}
-    probes |= {
-        (readout or {}).get("label", name.replace("_", " ")): f"probe_diffusion_{name}"
-        for name, readout in readouts.items()
-    }
+    for name, readout in readouts.items():
+        probes[readout_label(name, readout)] = f"probe_diffusion_{name}"
     found = {}
     for label, prefix in probes.items():
         folder = run_dir / "runs" / f"{prefix}_{regime}"
@@ -120,14 +125,11 @@ def _comparisons(found: dict) -> list[str]:
     return [*lines, ""] if lines else []
 
 
-def online_probe_section(run_dir: Path) -> list[str]:
-    """The online probe's score after each probed epoch, from the diffusion checkpoint's
-    callback state, and the epoch ``best_probe.ckpt`` holds."""
-    folder = run_dir / "runs" / "diffusion" / "checkpoints"
-    last = folder / "last.ckpt"
-    if not last.exists():
-        return []
-    state = torch.load(last, map_location="cpu", weights_only=True).get("callbacks") or {}
+def online_probe_section(folder: Path, last: dict | None) -> list[str]:
+    """The online probe's score after each probed epoch, from the callback state of the
+    diffusion run's ``last.ckpt`` (``last``, loaded; None before it exists) in ``folder``, and
+    the epoch ``best_probe.ckpt`` holds."""
+    state = (last or {}).get("callbacks") or {}
     history = next((s["history"] for k, s in state.items() if k.startswith("OnlineProbe")), None)
     if not history:
         return []
