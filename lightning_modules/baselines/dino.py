@@ -70,6 +70,10 @@ class DINOModule(SelfSupervisedModule):
         warmup_teacher_temp_epochs: epochs of teacher-temperature warm-up.
         freeze_last_layer: epochs during which the head's last layer is not updated
             (solo-learn's CIFAR recipe: 1).
+        lr: learning rate for a global batch of 256, scaled linearly. 4.0, chosen on validation
+            at the short budgets of the demo and NDSB (``benchmarks/ssl_recipes.py``): DINO
+            learns more slowly per step than SimCLR, whose default is 1.0; lightly's CIFAR-10
+            recipe uses 0.12 for 200 epochs.
         **shared: the settings of ``SelfSupervisedModule`` (``num_classes``, ``backbone``,
             ``lr``...).
     """
@@ -87,9 +91,10 @@ class DINOModule(SelfSupervisedModule):
         momentum_end: float = 0.99,
         warmup_teacher_temp_epochs: int = 5,
         freeze_last_layer: int = 1,
+        lr: float = 4.0,
         **shared: object,
     ) -> None:
-        super().__init__(**shared)
+        super().__init__(lr=lr, **shared)
         dim = self.backbone.num_features
         self.student_head = DINOProjectionHead(
             dim,
