@@ -117,7 +117,7 @@ def main() -> None:
     if unknown:
         parser.error(f"--recipes: {unknown} unknown; choose among {', '.join(RECIPES)}")
     if args.quick:
-        args.epochs, args.probe_epochs = 2, 2
+        args.epochs, args.probe_epochs = 1, 1
     with work_dir(args.cache_dir) as root:
         # The data (and its cache) is built once, by the raw-pixel probe, before any recipe.
         os.environ.setdefault("PLANKTON_CACHE", str(root / "data"))
