@@ -17,7 +17,6 @@ margin over raw pixels.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from harness import CONFIGS, argument_parser, print_figures, work_dir
+
+from workflows.experiment import cli_arguments
 
 PROJECT = CONFIGS.parent
 LR = "model.init_args.lr"
@@ -60,8 +61,7 @@ def fit(config: Path, folder: Path, epochs: int, settings: dict, args) -> None:
     command = [sys.executable, str(PROJECT / "cli.py"), "fit", "--config", str(config)]
     if args.data is not None:
         command += ["--data", str(args.data.resolve())]
-    for key, value in settings.items():
-        command += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    command += cli_arguments(settings)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "log.txt", "w") as log:
         finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT)
