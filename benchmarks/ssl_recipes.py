@@ -16,7 +16,6 @@ margin over raw pixels.
 
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
@@ -25,7 +24,8 @@ from pathlib import Path
 
 from harness import CONFIGS, argument_parser, print_figures, work_dir
 
-from workflows.experiment import cli_arguments
+from workflows.experiment import cli_arguments, tensorboard_logger
+from workflows.report_readouts import best_validation_row
 
 PROJECT = CONFIGS.parent
 LR = "model.init_args.lr"
@@ -44,14 +44,10 @@ SIGNALS = ("val/knn_acc", "train/teacher_entropy_ratio", "train/embedding_std_ra
 
 def fit(config: Path, folder: Path, epochs: int, settings: dict, args) -> None:
     """One `plankton fit` into ``folder`` (its output in ``folder/log.txt``)."""
-    logger = {
-        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": str(folder.parent), "name": folder.name, "version": ""},
-    }
     settings = {
         "trainer.max_epochs": epochs,
         "trainer.default_root_dir": str(folder),
-        "trainer.logger": logger,
+        "trainer.logger": tensorboard_logger(folder),
         "trainer.enable_progress_bar": False,
         **{f"data.{key}": value for key, value in args.data_setting},
         **settings,
@@ -71,9 +67,10 @@ def fit(config: Path, folder: Path, epochs: int, settings: dict, args) -> None:
 
 def validation_macro_f1(folder: Path) -> float:
     """The best key's validation macro-F1 in a probe's ``probe_results.csv``."""
-    with open(folder / "probe_results.csv", newline="") as handle:
-        best = (r for r in csv.DictReader(handle) if r["best"] == "True" and r["split"] == "val")
-        return float(next(best)["macro_f1"])
+    best = best_validation_row(folder)
+    if best is None:
+        raise RuntimeError(f"the probe in {folder} wrote no probe_results.csv")
+    return float(best["macro_f1"])
 
 
 def last_signals(folder: Path) -> dict[str, float]:

@@ -12,6 +12,7 @@ from lightning_modules.common.abundance import (
     Quantifier,
     bootstrap_interval,
     half_l1,
+    planted_shift_errors,
 )
 
 # Four Gaussian classes on the corners of a square (about 80% accuracy). The classifier's
@@ -65,6 +66,35 @@ def test_adjusted_estimators_recover_shifted_fractions_that_counting_misses(quan
     for method in ("acc", "pacc", "emq"):
         assert errors[method] <= ADJUSTED_TOLERANCE, errors
         assert errors["cc"] > CC_MARGIN * errors[method], errors
+
+
+def test_planted_shift_on_in_distribution_images_shows_what_the_corrections_can_do(quantifier):
+    # Held-out images at the training mix (a pool large enough that drawing the rare classes
+    # five times over adds little noise), drawn to the shifted mix: only the priors change.
+    # Over seeds 6-13 the worst errors were ACC 0.029, PACC 0.018, EMQ 0.013, CC at least 0.146.
+    probs, labels = planted_sample(np.random.default_rng(6), TRAIN_PRIORS, 20_000)
+    shifted = planted_shift_errors(quantifier, probs, labels, SHIFTED_PRIORS * 4000, draws=5)
+    unshifted = planted_shift_errors(quantifier, probs, labels, TRAIN_PRIORS * 4000, draws=5)
+
+    assert shifted["missing"] == 0
+    for method in ("acc", "pacc", "emq"):
+        assert shifted[method] <= ADJUSTED_TOLERANCE, shifted
+        assert shifted["cc"] > CC_MARGIN * shifted[method], shifted
+    # At the training mix there is nothing to correct, and counting is near exact.
+    assert unshifted["cc"] < shifted["cc"] / CC_MARGIN, unshifted
+
+
+def test_planted_shift_counts_the_classes_it_cannot_draw(quantifier):
+    probs, labels = planted_sample(np.random.default_rng(7), TRAIN_PRIORS, 1000)
+    kept = labels != 3
+    counts = np.array([10, 20, 30, 40])
+
+    errors = planted_shift_errors(quantifier, probs[kept], labels[kept], counts, draws=3)
+
+    assert errors["missing"] == 40
+    assert set(errors) == {*ESTIMATORS, "missing"}
+    with pytest.raises(ValueError, match="no class"):
+        planted_shift_errors(quantifier, probs[kept], labels[kept], np.array([0, 0, 0, 5]))
 
 
 def test_fitted_quantifier_describes_the_classifier_per_true_class(quantifier):

@@ -87,9 +87,13 @@ def test_smoke_experiment_killed_mid_stage_resumes_and_reports_every_method(tmp_
         assert set(result["calibration"]) == heads
         assert all(c["temperature"] > 0 for c in result["calibration"].values())
         assert set(result["abundance"]) == {"test", "geographic", "temporal"}
-        for counted in result["abundance"].values():
+        for name, counted in result["abundance"].items():
             assert set(counted["error"]) == {"cc", "acc", "pacc", "emq"}
             assert sum(counted["true"]) == pytest.approx(1.0)
+            # Shifted sets also at their class mix planted on the test images.
+            planted = counted.get("planted_error")
+            assert (planted is None) == (name == "test")
+            assert planted is None or set(planted) == {"cc", "acc", "pacc", "emq", "missing"}
     report = (out / "report.md").read_text()
     assert "Not in the tables" not in report
     main_tables = report.split("## Main results")[1].split("\n## ")[0]

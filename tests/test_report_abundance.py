@@ -45,9 +45,18 @@ def counts(true, images, estimates) -> dict:
     }
 
 
-def write_run(root: Path, run: str, metrics: dict, heads: dict, temporal: list, calibrated: bool):
+def write_run(
+    root: Path,
+    run: str,
+    metrics: dict,
+    heads: dict,
+    temporal: list,
+    calibrated: bool,
+    planted: dict | None = None,
+):
     """``runs/<run>_long_tailed/results.json`` as ``ExperimentRunner._evaluate`` writes it; the
-    probes' metrics carry the ``best_`` and ``fusion_`` prefixes of their heads."""
+    probes' metrics carry the ``best_`` and ``fusion_`` prefixes of their heads. ``planted``:
+    the temporal set's errors at its class mix planted on the test images, if any."""
     results = {
         "method": run,
         "regime": REGIME,
@@ -63,6 +72,8 @@ def write_run(root: Path, run: str, metrics: dict, heads: dict, temporal: list, 
             "test": counts(TRAIN_FRACTIONS, 100, [TRAIN_FRACTIONS] * len(ESTIMATORS)),
             "temporal": counts(TEMPORAL, 50, temporal),
         }
+        if planted:
+            results["abundance"]["temporal"]["planted_error"] = planted
     folder = root / "runs" / f"{run}_{REGIME}"
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps(results))
@@ -93,6 +104,7 @@ def write_run_folder(root: Path, calibrated: bool) -> Path:
         # errors 0.2, 0.05, 0.02, 0.01: emq lowest
         [[0.4, 0.3, 0.3], [0.25, 0.3, 0.45], [0.2, 0.32, 0.48], [0.21, 0.3, 0.49]],
         calibrated,
+        planted={"cc": 0.21, "acc": 0.03, "pacc": 0.025, "emq": 0.015, "missing": 0},
     )
     write_run(
         root,
@@ -148,15 +160,19 @@ def test_report_shows_calibration_counts_and_the_best_methods_fractions(tmp_path
     counted = text.split("### Counts under a change of class mix")[1].split("### Per-class")[0]
     temporal = counted.split("#### `temporal`")[1]
     for row in (
-        "| supervised end to end | long_tailed | 0.200 | 0.050 | 0.020 | **0.010** |",
+        # In brackets, at the same class mix planted on the test images (this run only).
+        "| supervised end to end | long_tailed | 0.200 (0.210) | 0.050 (0.030) | 0.020 (0.025) "
+        "| **0.010** (0.015) |",
         "| diffusion best (layer, t) | long_tailed | 0.300 | 0.100 | **0.020** | 0.060 |",
         "| supervised probe | long_tailed | 0.250 | **0.000** | 0.050 | **0.000** |",
     ):
         assert row in temporal, row
     assert "True shift of the class mix of `temporal` from the training split" in temporal
     assert "the training fractions): long_tailed 0.400 (50 images)." in temporal
+    assert "the same class mix with no change of appearance" in temporal
     reference = counted.split("#### `test` (in-distribution reference)")[1].split("####")[0]
     assert "long_tailed 0.000 (100 images)." in reference
+    assert "no change of appearance" not in reference
     assert counted.index("#### `test`") < counted.index("#### `temporal`")
 
     best = text.split("### Per-class counts of the best method (long_tailed): ")[1]

@@ -38,7 +38,11 @@ from lightning.pytorch.callbacks import Timer
 from datamodules import PlanktonDataModule
 from datamodules.store import write_text_atomic
 from lightning_modules import BASELINES, METHODS, load_diffusion
-from lightning_modules.common.abundance import abundance_errors
+from lightning_modules.common.abundance import (
+    Quantifier,
+    abundance_errors,
+    planted_shift_errors,
+)
 from lightning_modules.common.figures import save_grid
 from lightning_modules.common.flops import StepFlops
 from lightning_modules.probes.online import BEST_PROBE_CHECKPOINT
@@ -248,6 +252,15 @@ def cli_arguments(settings: dict) -> list[str]:
     return arguments
 
 
+def tensorboard_logger(folder: Path) -> dict:
+    """The ``trainer.logger`` setting that logs a run straight into ``folder`` (no version
+    subfolder), so that its checkpoints and TensorBoard events lie side by side."""
+    return {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": str(folder.parent), "name": folder.name, "version": ""},
+    }
+
+
 def write_json(path: Path, content: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(content, indent=2, default=str))
@@ -272,6 +285,19 @@ class WallClock(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             write_json(self.path, {"wall_s": self.total()})
+
+
+def _abundance(quantifier: Quantifier, predictions: dict[str, tuple]) -> dict[str, dict]:
+    """Every estimator's counts on every labelled set against its true class mix; for each
+    set beside ``test``, also their errors at the same class mix planted on the test images
+    (``planted_error``), where only the priors change."""
+    counted = {name: abundance_errors(quantifier, *pair) for name, pair in predictions.items()}
+    for name, result in counted.items():
+        if name != "test":
+            labels = predictions[name][1]
+            counts = np.bincount(labels, minlength=quantifier.num_classes)
+            result["planted_error"] = planted_shift_errors(quantifier, *predictions["test"], counts)
+    return counted
 
 
 class ExperimentRunner:
@@ -388,16 +414,12 @@ class ExperimentRunner:
     def _cli(
         self, method: MethodRun, regime: str, folder: Path, extra: dict | None = None
     ) -> PlanktonCLI:
-        logger = {
-            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-            "init_args": {"save_dir": str(folder.parent), "name": folder.name, "version": ""},
-        }
         arguments = [
             "--config", str(method.config),
             *self.data_arguments(regime),
             "--trainer.max_epochs", str(method.max_epochs),
             "--trainer.default_root_dir", str(folder),
-            "--trainer.logger", json.dumps(logger),
+            "--trainer.logger", json.dumps(tensorboard_logger(folder)),
             *self.trainer_arguments(),
             *cli_arguments(method.overrides),
             *cli_arguments(extra or {}),
@@ -560,10 +582,7 @@ class ExperimentRunner:
                     for head, c in model.calibrations.items()
                 },
                 # The classifier's counts on every labelled set against its true class mix.
-                "abundance": {
-                    name: abundance_errors(calibration.quantifier, *predictions[name])
-                    for name in datamodule.eval_set_names
-                },
+                "abundance": _abundance(calibration.quantifier, predictions),
             },
         )
 

@@ -29,7 +29,7 @@ def _probe_settings(folder: Path) -> dict | None:
     return model
 
 
-def _best_validation_row(folder: Path) -> dict | None:
+def best_validation_row(folder: Path) -> dict | None:
     """The best key's validation row of ``probe_results.csv``."""
     path = folder / "probe_results.csv"
     if not path.exists():
@@ -71,7 +71,7 @@ def readouts_section(run_dir: Path, experiment: dict, regime: str) -> list[str]:
     found = {}
     for label, prefix in probes.items():
         folder = run_dir / "runs" / f"{prefix}_{regime}"
-        settings, best = _probe_settings(folder), _best_validation_row(folder)
+        settings, best = _probe_settings(folder), best_validation_row(folder)
         if settings is not None and best is not None:
             found[label] = (settings, best)
     if not found:
