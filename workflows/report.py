@@ -15,7 +15,7 @@ from sklearn.metrics import confusion_matrix, f1_score
 
 from datamodules.store import write_csv_atomic, write_text_atomic
 from lightning_modules import BASELINES, METHODS, DiffusionModule
-from lightning_modules.common.abundance import ESTIMATORS, half_l1
+from lightning_modules.common.abundance import ESTIMATORS, PLANTED_DRAWS, half_l1
 from lightning_modules.common.figures import abundance_figure, confusion_figure, save_figure
 from lightning_modules.common.module import load_checkpoint
 
@@ -415,7 +415,8 @@ def _abundance_tables(classifiers: list[Classifier]) -> list[str]:
 
 
 _PLANTED_NOTE = (
-    "In brackets: the mean error over 50 samples of the test images drawn per class to "
+    f"In brackets: the mean error over {PLANTED_DRAWS} samples of the test images drawn per "
+    "class to "
     "`{eval_set}`'s class counts, the same class mix with no change of appearance. A correction "
     "that beats cc there but not on `{eval_set}` is defeated by the set's change of appearance; "
     "one that loses there too is limited by the misclassification rates measured on the "

@@ -24,6 +24,8 @@ ESTIMATORS = ("cc", "acc", "pacc", "emq")
 _SIMPLEX_WEIGHT = 1e4
 _EM_TOLERANCE = 1e-6
 _EM_MAX_ITERATIONS = 1000
+# Samples the planted check averages over (``planted_shift_errors``).
+PLANTED_DRAWS = 50
 
 
 def _as_probs(probs: np.ndarray, num_classes: int, name: str) -> np.ndarray:
@@ -250,7 +252,7 @@ def planted_shift_errors(
     probs: np.ndarray,
     labels: np.ndarray,
     class_counts: np.ndarray,
-    draws: int = 50,
+    draws: int = PLANTED_DRAWS,
     seed: int = 0,
 ) -> dict[str, float]:
     """Each estimator's mean error (half L1) on samples of in-distribution images drawn, per
