@@ -104,7 +104,14 @@ def write_run_folder(root: Path, calibrated: bool) -> Path:
         # errors 0.2, 0.05, 0.02, 0.01: emq lowest
         [[0.4, 0.3, 0.3], [0.25, 0.3, 0.45], [0.2, 0.32, 0.48], [0.21, 0.3, 0.49]],
         calibrated,
-        planted={"cc": 0.21, "acc": 0.03, "pacc": 0.025, "emq": 0.015, "missing": 0},
+        planted={
+            "cc": 0.21,
+            "acc": 0.03,
+            "pacc": 0.025,
+            "emq": 0.015,
+            "missing": 0,
+            "exact_rates": {"acc": 0.02, "pacc": 0.018},
+        },  # fmt: skip
     )
     write_run(
         root,
@@ -161,8 +168,8 @@ def test_report_shows_calibration_counts_and_the_best_methods_fractions(tmp_path
     temporal = counted.split("#### `temporal`")[1]
     for row in (
         # In brackets, at the same class mix planted on the test images (this run only).
-        "| supervised end to end | long_tailed | 0.200 (0.210) | 0.050 (0.030) | 0.020 (0.025) "
-        "| **0.010** (0.015) |",
+        "| supervised end to end | long_tailed | 0.200 (0.210) | 0.050 (0.030, exact 0.020) | "
+        "0.020 (0.025, exact 0.018) | **0.010** (0.015) |",
         "| diffusion best (layer, t) | long_tailed | 0.300 | 0.100 | **0.020** | 0.060 |",
         "| supervised probe | long_tailed | 0.250 | **0.000** | 0.050 | **0.000** |",
     ):
@@ -170,6 +177,7 @@ def test_report_shows_calibration_counts_and_the_best_methods_fractions(tmp_path
     assert "True shift of the class mix of `temporal` from the training split" in temporal
     assert "the training fractions): long_tailed 0.400 (50 images)." in temporal
     assert "the same class mix with no change of appearance" in temporal
+    assert "loses even with exact rates cannot beat counting" in temporal
     reference = counted.split("#### `test` (in-distribution reference)")[1].split("####")[0]
     assert "long_tailed 0.000 (100 images)." in reference
     assert "no change of appearance" not in reference

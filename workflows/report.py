@@ -398,8 +398,13 @@ def _abundance_tables(classifiers: list[Classifier]) -> list[str]:
             planted = abundance.get("planted_error")
             if planted:  # runs evaluated before the planted check have none
                 planted_shown = True
-                pairs = zip(cells, ESTIMATORS, strict=True)
-                cells = [f"{cell} ({planted[method]:.3f})" for cell, method in pairs]
+                # Runs evaluated before the exact-rate check have none.
+                exact = planted.get("exact_rates", {})
+                cells = [
+                    f"{cell} ({planted[method]:.3f}"
+                    + (f", exact {exact[method]:.3f})" if method in exact else ")")
+                    for cell, method in zip(cells, ESTIMATORS, strict=True)
+                ]
             lines.append(
                 f"| {classifier.labels['classify']} | {classifier.regime} | {' | '.join(cells)} |"
             )
@@ -416,11 +421,15 @@ def _abundance_tables(classifiers: list[Classifier]) -> list[str]:
 
 _PLANTED_NOTE = (
     f"In brackets: the mean error over {PLANTED_DRAWS} samples of the test images drawn per "
-    "class to "
-    "`{eval_set}`'s class counts, the same class mix with no change of appearance. A correction "
-    "that beats cc there but not on `{eval_set}` is defeated by the set's change of appearance; "
-    "one that loses there too is limited by the misclassification rates measured on the "
-    "validation split (more validation images per class narrow them)."
+    "class to `{eval_set}`'s class counts, the same class mix with no change of appearance; "
+    "for acc and pacc then (exact) the error with those test images' own misclassification "
+    "rates, exact for these samples. A correction that beats cc in brackets but not on "
+    "`{eval_set}` is defeated by the set's change of appearance. One that loses in brackets "
+    "but wins with exact rates is limited by the validation split (more validation images per "
+    "class narrow its rates). One that loses even with exact rates cannot beat counting on a "
+    "sample of this size: undoing the confusion between classes the classifier mixes up "
+    "amplifies the sample's own noise more than it removes bias (larger samples, or a "
+    "classifier that separates those classes, help)."
 )
 
 

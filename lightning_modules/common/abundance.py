@@ -18,6 +18,8 @@ import numpy as np
 from scipy.optimize import nnls
 
 ESTIMATORS = ("cc", "acc", "pacc", "emq")
+# Those that read the misclassification rates measured on validation.
+RATE_ESTIMATORS = ("acc", "pacc")
 
 # Weight of the sum-to-one row appended to the adjustment's least-squares system: large enough
 # that the solution lies on the simplex to ~1e-10 before the final normalisation.
@@ -254,15 +256,23 @@ def planted_shift_errors(
     class_counts: np.ndarray,
     draws: int = PLANTED_DRAWS,
     seed: int = 0,
-) -> dict[str, float]:
+) -> dict[str, object]:
     """Each estimator's mean error (half L1) on samples of in-distribution images drawn, per
     class and with replacement, to ``class_counts``: a shifted set's class mix planted on images
     that look like the validation ones, so that only the priors change.
 
-    Beside the error on the shifted set itself, it tells the two reasons a correction can fail
-    apart: one that also fails here is limited by the misclassification rates measured on a small
-    validation split; one that succeeds here but not on the set is defeated by the set's change
-    of appearance. Classes the images lack are left out of the draw (counted in ``missing``).
+    Beside the error on the shifted set itself, it tells three reasons a correction can fail
+    apart:
+
+    - one that succeeds here but not on the set is defeated by the set's change of appearance;
+    - one that fails here with the quantifier's (validation) rates but succeeds with the rates of
+      the drawn images themselves (``exact_rates``: ACC's and PACC's errors when the rates are
+      exact for these samples) is limited by the validation split's size;
+    - one that fails even with exact rates cannot beat counting at this sample size: inverting
+      the rates of classes the classifier confuses amplifies the sample's own noise more than
+      it removes bias.
+
+    Classes the images lack are left out of the draw (counted in ``missing``).
 
     Args:
         probs: ``(N, C)`` calibrated probabilities of labelled in-distribution images (the test
@@ -277,15 +287,24 @@ def planted_shift_errors(
     drawn = [(m, n) for m, n in zip(members, class_counts, strict=True) if n and len(m)]
     if not drawn:
         raise ValueError("no class of class_counts has an image to draw from")
+    # Every draw's images per class behave, in expectation, as these images do.
+    exact = Quantifier.fit(probs, labels, quantifier.train_priors)
     rng = np.random.default_rng(seed)
     errors: dict[str, list[float]] = {method: [] for method in ESTIMATORS}
+    exact_errors: dict[str, list[float]] = {method: [] for method in RATE_ESTIMATORS}
     for _ in range(draws):
         sample = np.concatenate([rng.choice(m, n) for m, n in drawn])
         true = np.bincount(labels[sample], minlength=quantifier.num_classes) / len(sample)
         for method in ESTIMATORS:
             errors[method].append(half_l1(true, quantifier.estimate(probs[sample], method)))
+        for method in RATE_ESTIMATORS:
+            exact_errors[method].append(half_l1(true, exact.estimate(probs[sample], method)))
     missing = int(sum(n for m, n in zip(members, class_counts, strict=True) if n and not len(m)))
-    return {**{method: float(np.mean(e)) for method, e in errors.items()}, "missing": missing}
+    return {
+        **{method: float(np.mean(e)) for method, e in errors.items()},
+        "exact_rates": {method: float(np.mean(e)) for method, e in exact_errors.items()},
+        "missing": missing,
+    }
 
 
 def abundance_errors(quantifier: Quantifier, probs: np.ndarray, labels: np.ndarray) -> dict:
