@@ -111,7 +111,7 @@ def write_run_folder(root: Path, calibrated: bool) -> Path:
             "emq": 0.015,
             "missing": 0,
             "exact_rates": {"acc": 0.02, "pacc": 0.018},
-        },  # fmt: skip
+        },
     )
     write_run(
         root,
