@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 # Data and caches of the demo and tests stay inside the project unless PLANKTON_CACHE is set.
 export PLANKTON_CACHE ?= $(CURDIR)/.cache/plankton
 
-.PHONY: install test demo lint bench tensorboard clean
+.PHONY: install test demo lint bench bench-quick gpu-check tensorboard clean
 
 install: $(STAMP)
 
@@ -36,6 +36,24 @@ bench: $(STAMP)
 	$(PYTHON) benchmarks/diffusion_throughput.py
 	$(PYTHON) benchmarks/online_probe.py
 	$(PYTHON) benchmarks/scale.py
+
+# Every benchmark's --quick mode, and the demo's cost at a tenth of its size (under 5 minutes on
+# 2 CPU cores): run it after a change that might cost time.
+bench-quick: $(STAMP)
+	$(PYTHON) benchmarks/data_loading.py --quick
+	$(PYTHON) benchmarks/synthetic_difficulty.py --quick
+	$(PYTHON) benchmarks/probe_sweep.py --quick
+	$(PYTHON) benchmarks/training_throughput.py --quick
+	$(PYTHON) benchmarks/diffusion_throughput.py --quick
+	$(PYTHON) benchmarks/online_probe.py --quick
+	$(PYTHON) benchmarks/scale.py --quick
+	$(PYTHON) benchmarks/demo_cost.py --quick
+
+# On one CUDA GPU (under 8 minutes): every method's throughput and MFU, the diffusers comparison,
+# the device-resident data path and a short experiment, as one table. Refuses without CUDA;
+# `$(PYTHON) benchmarks/gpu_check.py --dry-run` walks the same steps on the CPU at toy sizes.
+gpu-check: $(STAMP)
+	$(PYTHON) benchmarks/gpu_check.py
 
 tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir runs
