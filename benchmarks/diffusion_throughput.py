@@ -9,9 +9,18 @@ AdamW step, on a fixed batch of random images (data loading is not the models' c
 are not timed; the models then take turns in rounds, the order alternating, and each model's figure
 is the median of its rounds, so background load on a shared machine does not favour either.
 
-Figures: images per second of each, ours over diffusers' (above 1: ours is faster), and our MFU:
-FLOPs per image (one training step counted by FlopCounterMode, forward and backward, divided by
-the batch) times images per second over the GPU's peak; empty off the peak table (every CPU).
+The same rounds also time this machine's peak in the run's precision (bfloat16 operands for
+``bf16-mixed``, as autocast gives the U-Net's convolutions and matmuls; float32 for ``32-true``): a
+large square matrix product (GEMM) and a large 3x3 convolution (many channels, a small batch; the
+faster of the NCHW and channels-last layouts), each in FLOP/s by its textbook count (2 m n k; 2 x
+outputs x input channels x 9). ``--precision auto`` (the default) resolves as the suite's Trainer
+does for ``precision: auto`` (``resolve_precision``).
+
+Figures: images per second of each, ours over diffusers' (above 1: ours is faster), our achieved
+FLOP/s (FLOPs per image of one training step counted by FlopCounterMode, forward and backward,
+divided by the batch, times images per second) as a fraction of the measured GEMM and convolution
+peaks, and our MFU against the GPU's datasheet peak; empty off the peak table (every CPU).
+``--profile`` adds a table of the top operators of our training step by self CPU time.
 """
 
 from __future__ import annotations
@@ -38,9 +47,14 @@ from torch import nn
 
 from lightning_modules import DiffusionModule
 from lightning_modules.common.flops import flop_counter_mode
+from lightning_modules.common.trainer import resolve_precision
 from workflows.lightning_cli import DATA_TO_MODEL, model_settings_from_config
 
-PRECISIONS = ("32-true", "bf16-mixed")
+PRECISIONS = ("auto", "32-true", "bf16-mixed")
+# The peak probes: a square GEMM of this side, and a 3x3 convolution (batch, channels, side);
+# a GPU gets a 4x wider GEMM and an 8x larger batch, so a call lasts long enough to time.
+GEMM_SIDE = 2048
+CONV_SHAPE = (8, 256, 32)
 # Equal parameter counts within this fraction, or the comparison says nothing.
 PARAMETER_TOLERANCE = 0.10
 
@@ -151,6 +165,56 @@ def contenders(settings: dict, images: torch.Tensor, bf16: bool) -> list[Contend
     ]
 
 
+@dataclass
+class Peak:
+    """One operation timed for the machine's peak: its FLOPs per call and FLOP/s per round."""
+
+    name: str
+    run: Callable[[], object]
+    flops: float
+    rates: list[float] = field(default_factory=list)
+
+    @property
+    def flop_per_s(self) -> float:
+        return statistics.median(self.rates)
+
+
+def peak_probes(device: torch.device, dtype: torch.dtype) -> list[Peak]:
+    """A large GEMM and a large 3x3 convolution in both layouts, operands in ``dtype``."""
+    generator = torch.Generator(device).manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device, dtype=dtype, generator=generator)
+
+    gpu = device.type != "cpu"
+    n = GEMM_SIDE * (4 if gpu else 1)
+    a, b = randn(n, n), randn(n, n)
+    batch, channels, side = CONV_SHAPE
+    batch *= 8 if gpu else 1
+    x, w = randn(batch, channels, side, side), randn(channels, channels, 3, 3)
+    x_last = x.to(memory_format=torch.channels_last)
+    w_last = w.to(memory_format=torch.channels_last)
+    conv_flops = 2.0 * batch * channels * side * side * channels * 9
+    shape = f"{batch}x{channels}x{side}x{side}"
+    return [
+        Peak(f"gemm {n}^3", lambda: a @ b, 2.0 * n**3),
+        Peak(f"3x3 conv {shape}", lambda: F.conv2d(x, w, padding=1), conv_flops),
+        Peak(
+            f"3x3 conv {shape} channels-last",
+            lambda: F.conv2d(x_last, w_last, padding=1),
+            conv_flops,
+        ),
+    ]
+
+
+def profile_table(step: Callable[[], None], steps: int, rows: int = 15) -> str:
+    """The top operators of ``steps`` calls of ``step`` by self CPU time."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        for _ in range(steps):
+            step()
+    return profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -158,14 +222,25 @@ def synchronize(device: torch.device) -> None:
 
 def main() -> None:
     parser = argument_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--precision", choices=PRECISIONS, default="32-true")
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default="auto", help="auto: as the suite's Trainer"
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when present")
     parser.add_argument(
         "--size", choices=SIZES, default="demo", help="paper: configs/experiments/paper.yaml"
     )
     parser.add_argument("--batch-size", type=int, help="default 64 (16 with --quick)")
+    parser.add_argument(
+        "--profile", action="store_true", help="print our step's top operators by self CPU time"
+    )
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision, reason = (
+        resolve_precision(device.type) if args.precision == "auto" else (args.precision, "as set")
+    )
+    if precision not in PRECISIONS:
+        raise SystemExit(f"precision auto resolves to {precision} here ({reason}): not timed")
+    bf16 = precision == "bf16-mixed"
     batch = args.batch_size or (16 if args.quick else 64)
     # (warm-up steps after the counted one, rounds, steps per model per round)
     warmup, rounds, steps = (2, 4, 2) if args.quick else (3, 5, 4)
@@ -177,7 +252,8 @@ def main() -> None:
     settings = unet_settings(args.size)
     side, channels = settings["image_size"], settings["in_chans"]
     images = torch.rand(batch, channels, side, side, device=device) * 2 - 1
-    models = contenders(settings, images, args.precision == "bf16-mixed")
+    models = contenders(settings, images, bf16)
+    peaks = peak_probes(device, torch.bfloat16 if bf16 else torch.float32)
     ours, theirs = models
     gap = abs(ours.parameters - theirs.parameters) / theirs.parameters
     print(
@@ -196,6 +272,8 @@ def main() -> None:
         model.flops_per_image = counter.get_total_flops() / batch
         for _ in range(warmup):
             model.step()
+    for probe in peaks:
+        probe.run()  # oneDNN's first call of a shape builds its kernel
     for round_index in range(rounds):
         for model in models if round_index % 2 == 0 else models[::-1]:
             synchronize(device)
@@ -204,11 +282,19 @@ def main() -> None:
                 model.step()
             synchronize(device)
             model.rates.append(steps * batch / (time.perf_counter() - started))
+        for probe in peaks if round_index % 2 == 0 else peaks[::-1]:
+            synchronize(device)
+            started = time.perf_counter()
+            for _ in range(steps):
+                probe.run()
+            synchronize(device)
+            probe.rates.append(steps * probe.flops / (time.perf_counter() - started))
 
-    peak = peak_flops(device, args.precision)
+    peak = peak_flops(device, precision)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
-        f"{where}, {torch.get_num_threads()} threads, {args.precision}, size {args.size} "
+        f"{where}, {torch.get_num_threads()} threads, {precision} ({args.precision}: {reason}), "
+        f"size {args.size} "
         f"({side} px, base {settings['base_channels']}), batch {batch}, {rounds * steps} timed "
         f"steps per model in {rounds} rounds; peak: {peak[0] if peak else 'none known'}"
     )
@@ -219,10 +305,25 @@ def main() -> None:
             f"{model.name}: {model.flops_per_image / 1e9:.3f} GFLOP per image per training step, "
             f"img/s per round [{rates}], MFU {utilisation or '-'}"
         )
+    achieved = ours.images_per_second * ours.flops_per_image
+    gemm = peaks[0].flop_per_s
+    conv = max(probe.flop_per_s for probe in peaks[1:])
+    for probe in peaks:
+        rates = ", ".join(f"{rate / 1e9:.1f}" for rate in probe.rates)
+        print(f"peak {probe.name}: GFLOP/s per round [{rates}]")
+    print(
+        f"ours achieved {achieved / 1e9:.1f} GFLOP/s; peaks (median of rounds): GEMM "
+        f"{gemm / 1e9:.1f} GFLOP/s, conv (the faster layout) {conv / 1e9:.1f} GFLOP/s"
+    )
+    if args.profile:
+        print(f"ours, {steps * 2} training steps, top operators by self CPU time:")
+        print(profile_table(ours.step, steps * 2))
     print_figures(
         ours_img_per_s=round(ours.images_per_second, 1),
         diffusers_img_per_s=round(theirs.images_per_second, 1),
         ratio_vs_diffusers=round(ours.images_per_second / theirs.images_per_second, 3),
+        fraction_of_gemm_peak=round(achieved / gemm, 3),
+        fraction_of_conv_peak=round(achieved / conv, 3),
         mfu=mfu(ours.images_per_second, ours.flops_per_image, peak),
     )
 
