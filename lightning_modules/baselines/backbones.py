@@ -19,9 +19,12 @@ def create_backbone(
     num_classes: int = 0,
     small_input_stem: bool | None = None,
     image_size: int | None = None,
+    backbone_args: dict | None = None,
 ) -> nn.Module:
     """A timm model, never pretrained (nothing is downloaded); ``num_classes=0`` returns pooled
-    features.
+    features. ``backbone_args`` go to ``timm.create_model`` as they are, for example
+    ``{"layers": [1, 1, 1, 1], "channels": [32, 64, 128, 256]}`` for a ResNet-18
+    with one block per stage at half width (the demo's backbone).
 
     ``small_input_stem`` swaps a ResNet's 7x7 stride-2 convolution and max-pool for one 3x3
     stride-1 convolution (the CIFAR variant): the ImageNet stem shrinks a 32 px image to 1x1
@@ -29,7 +32,18 @@ def create_backbone(
     it for a ResNet-style model at ``image_size`` up to ``SMALL_STEM_MAX_SIZE``, and leaves any
     other model as timm builds it.
     """
-    model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    try:
+        model = timm.create_model(
+            name,
+            pretrained=False,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            **(backbone_args or {}),
+        )
+    except TypeError as error:
+        raise ValueError(
+            f"backbone_args {backbone_args} do not fit timm's {name!r}: {error}"
+        ) from None
     resnet_style = isinstance(getattr(model, "conv1", None), nn.Conv2d) and hasattr(
         model, "maxpool"
     )

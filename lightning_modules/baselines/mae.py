@@ -133,6 +133,7 @@ class MAEModule(SelfSupervisedModule):
                 in_chans=settings.in_chans,
                 img_size=size,
                 patch_size=patch_size,
+                **(settings.backbone_args or {}),
                 **depth,
                 global_pool="token",  # lightly reads the class token
             )

@@ -51,6 +51,7 @@ class SelfSupervisedModule(EvalSetClassifier):
             larger one than the backbone, or the monitor lags behind the features it measures.
         small_input_stem: a 3x3 stride-1 stem without max-pool for small images; None picks it
             for a ResNet at 64 px or below (see ``create_backbone``).
+        backbone_args: more arguments of ``timm.create_model`` (depth, width...).
         **data: the data's settings (``PlanktonModule``).
     """
 
@@ -67,6 +68,7 @@ class SelfSupervisedModule(EvalSetClassifier):
         knn_k: int = 20,
         online_lr: float | None = None,
         small_input_stem: bool | None = None,
+        backbone_args: dict | None = None,
         **data: object,
     ) -> None:
         if optimizer not in OPTIMIZERS:
@@ -89,6 +91,7 @@ class SelfSupervisedModule(EvalSetClassifier):
             settings.in_chans,
             small_input_stem=settings.small_input_stem,
             image_size=settings.image_size,
+            backbone_args=settings.backbone_args,
         )
 
     def encoders(self) -> dict[str, nn.Module]:

@@ -44,6 +44,7 @@ class SupervisedModule(CalibratedClassifier, EvalSetClassifier):
         class_balanced_loss: weight the loss by inverse class frequency (long-tailed data).
         small_input_stem: a 3x3 stride-1 stem without max-pool for small images; None picks it
             for a ResNet at 64 px or below (see ``create_backbone``).
+        backbone_args: more arguments of ``timm.create_model`` (depth, width...).
         **data: the data's settings (``PlanktonModule``).
     """
 
@@ -56,12 +57,18 @@ class SupervisedModule(CalibratedClassifier, EvalSetClassifier):
         label_smoothing: float = 0.1,
         class_balanced_loss: bool = False,
         small_input_stem: bool | None = None,
+        backbone_args: dict | None = None,
         **data: object,
     ) -> None:
         super().__init__(**data)
         num_classes = len(self.class_names)
         self.model = create_backbone(
-            backbone, self.hparams.in_chans, num_classes, small_input_stem, self.hparams.image_size
+            backbone,
+            self.hparams.in_chans,
+            num_classes,
+            small_input_stem,
+            self.hparams.image_size,
+            backbone_args,
         )
         self.register_buffer("class_weights", torch.ones(num_classes))
         self.val_metrics = classification_metrics(num_classes)
