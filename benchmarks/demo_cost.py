@@ -32,9 +32,9 @@ DEMO = CONFIGS / "experiments" / "demo.yaml"
 PRETRAINING_STAGES = ("diffusion", "baselines")
 
 
-def scaled_config(fraction: float, folder: Path) -> Path:
+def scaled_config(fraction: float, folder: Path, precision: str | None = None) -> Path:
     """The demo config with a fraction of its images and pretraining epochs, its paths made
-    absolute so that it runs from ``folder``."""
+    absolute so that it runs from ``folder``; ``precision`` replaces the shared ``auto``."""
     settings = yaml.safe_load(DEMO.read_text())
     data = yaml.safe_load((DEMO.parent / settings["data"]).read_text())
     synthetic = dict(data["synthetic"])
@@ -46,10 +46,10 @@ def scaled_config(fraction: float, folder: Path) -> Path:
     settings["data_overrides"] = overrides
     settings["data"] = str((DEMO.parent / settings["data"]).resolve())
     trainer = dict(settings.get("trainer_overrides") or {})
-    settings["trainer_overrides"] = trainer | {
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-    }
+    trainer |= {"enable_progress_bar": False, "enable_model_summary": False}
+    if precision:
+        trainer["precision"] = precision
+    settings["trainer_overrides"] = trainer
     pretraining = [settings["diffusion"], *settings.get("baselines", {}).values()]
     for section in pretraining:
         section["max_epochs"] = max(1, round(section["max_epochs"] * fraction))
@@ -61,10 +61,14 @@ def scaled_config(fraction: float, folder: Path) -> Path:
 
 
 def stage_times(out: Path) -> dict[str, float]:
+    """The wall time of every finished stage of the experiment in ``out``, in the stages' order."""
+    from workflows.experiment import STAGES
+
+    markers = {stage: out / stage / "done.json" for stage in STAGES}
     return {
-        stage.name: json.loads((stage / "done.json").read_text())["wall_s"]
-        for stage in sorted(out.iterdir())
-        if (stage / "done.json").is_file() and stage.name != "runs"
+        stage: json.loads(marker.read_text())["wall_s"]
+        for stage, marker in markers.items()
+        if marker.is_file()
     }
 
 
@@ -99,6 +103,10 @@ def main() -> None:
         "--fraction", type=float, help="of the images and epochs (default 0.2; --quick 0.1)"
     )
     parser.add_argument(
+        "--precision",
+        help="instead of the shared `auto`, e.g. 32-true: what a CPU without native bfloat16 runs",
+    )
+    parser.add_argument(
         "--compare",
         type=Path,
         default=Path("runs/demo"),
@@ -112,7 +120,7 @@ def main() -> None:
         os.environ["PLANKTON_CACHE"] = str(folder / "cache")  # synthesis is part of the cost
         from workflows.experiment import Experiment, ExperimentRunner
 
-        config = scaled_config(fraction, folder)
+        config = scaled_config(fraction, folder, args.precision)
         out = folder / "run"
         started = time.perf_counter()
         ExperimentRunner(Experiment.from_file(config), out, log=lambda message: None).run()
@@ -128,8 +136,13 @@ def main() -> None:
         known = f"{real[stage]:.0f}" if stage in real else "-"
         share = seconds / total
         print(f"{stage:<12}{measured[stage]:>10.1f}{seconds:>21.0f}{share:>8.2f}{known:>10}")
-    figures = {"fraction": fraction, "wall_s": round(wall, 1), "extrapolated_s": round(total)}
-    if real:
+    figures = {
+        "fraction": fraction,
+        "precision": args.precision or "auto",
+        "wall_s": round(wall, 1),
+        "extrapolated_s": round(total),
+    }
+    if real and not args.precision:
         real_total = sum(real.values())
         figures |= {
             "real_demo_s": round(real_total),
