@@ -71,9 +71,13 @@ class Throughput:
     mfu: float | str
 
 
-def method_cli(method: str, size: str, root: Path, max_steps: int) -> PlanktonCLI:
+def method_cli(
+    method: str, size: str, root: Path, max_steps: int, batch_size: int | None = None
+) -> PlanktonCLI:
     """``method`` as ``plankton fit`` builds it from its config at ``size``, for ``max_steps``
-    steps with nothing but training: no logger, checkpoints, validation or progress bar."""
+    steps with nothing but training: no logger, checkpoints, validation or progress bar; at
+    ``batch_size`` when given, else its config's."""
+    batch = {} if batch_size is None else {"data.batch_size": batch_size}
     return PlanktonCLI(
         ["--config", str(CONFIGS / f"{method}.yaml"), "--data.cache_dir", str(root),
          "--data.progress", "false", "--trainer.default_root_dir", str(root / method),
@@ -81,13 +85,15 @@ def method_cli(method: str, size: str, root: Path, max_steps: int) -> PlanktonCL
          "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false",
          "--trainer.limit_val_batches", "0", "--trainer.max_epochs", "-1",
          "--trainer.max_steps", str(max_steps),
-         *cli_arguments(size_overrides(method, size))],
+         *cli_arguments(size_overrides(method, size) | batch)],
         run=False,
     )  # fmt: skip
 
 
-def measure(method: str, size: str, root: Path, steps: int, warmup: int) -> Throughput:
-    cli = method_cli(method, size, root, warmup + steps)
+def measure(
+    method: str, size: str, root: Path, steps: int, warmup: int, batch_size: int | None = None
+) -> Throughput:
+    cli = method_cli(method, size, root, warmup + steps, batch_size)
     clock, flops = StepClock(warmup), StepFlops()
     cli.trainer.callbacks += [clock, flops]
     cli.trainer.fit(cli.model, cli.datamodule)
@@ -106,11 +112,14 @@ def measure(method: str, size: str, root: Path, steps: int, warmup: int) -> Thro
 def main() -> None:
     parser = argument_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=SIZES, default="demo")
+    parser.add_argument(
+        "--batch-size", type=int, help="every method's training batch (default: its config's)"
+    )
     args = parser.parse_args()
     # warmup >= 1: the first step is the one whose FLOPs are counted, and it runs slower.
     steps, warmup = (3, 1) if args.quick else (20, 3)
     with work_dir(args.cache_dir) as root:
-        results = {m: measure(m, args.size, root, steps, warmup) for m in METHODS}
+        results = {m: measure(m, args.size, root, steps, warmup, args.batch_size) for m in METHODS}
     rates = {m: result.images_per_second for m, result in results.items()}
     figures: dict[str, float | str] = {f"{m}_img_per_s": round(r, 1) for m, r in rates.items()}
     for method in METHODS[1:]:
