@@ -1,8 +1,9 @@
 """Wall time of probing an L x T grid of frozen U-Net features, four ways in the same run.
 
 Like with like, three ways train the same linear heads with AdamW (the same learning rate,
-weight decay, epochs, batch size and zero initial weights) on the same images and choose the best
-key by validation macro-F1; they differ only in how often the backbone runs:
+weight decay, epochs, batch size and zero initial weights, the same batches: the datamodule's
+whole batches, shuffled from one seed, features rounded to float16) on the same images and choose
+the best key by validation macro-F1; they differ only in how often the backbone runs:
 
 1. per pair: one probe per (layer, timestep), each re-running the whole backbone on every batch
    of every epoch (a forward hook reads its layer, as a probe script without the suite's early
@@ -10,8 +11,8 @@ key by validation macro-F1; they differ only in how often the backbone runs:
 2. shared forward (the DDAE way): one forward per timestep and batch feeds the heads of every
    layer, every epoch;
 3. cached AdamW (ours): ``ProbeModule`` in cached mode with ``solver="adamw"``: features
-   extracted once (one forward per timestep and image, rounded to float16 as the cache stores
-   them), then every epoch trains all heads as one batched operation.
+   extracted once (one forward per timestep and image, stored as float16), then every epoch
+   trains all heads as one batched operation.
 
 Beside them, what a user of the suite runs:
 
@@ -28,8 +29,8 @@ shared / cached AdamW, per pair / cached AdamW, and default / cached AdamW (unde
 is faster); ``same_best_key`` compares the best keys of the AdamW ways over the keys each
 measured (per pair only when it measured every pair), and each way's best key is printed;
 ``keys_tied_at_top`` counts the keys sharing the cached AdamW way's best score (above 1, the
-best key is a tie and ``same_best_key`` says little). A
-cached run of one epoch, not timed, comes first, so no way pays the first calls' set-up.
+best key is a tie and ``same_best_key`` says little). A cached run of one epoch, not timed, comes
+first, so no way pays the first calls' set-up.
 ``--quick`` measures the per-pair way on a few pairs and the shared forward on a few timesteps,
 and scales their times to the whole grid (each costs the same per pair, or per timestep).
 """
