@@ -64,11 +64,11 @@ GPU_TIMEOUTS = {
 }
 # On the CPU of --dry-run: generous, since only the plumbing is under test.
 DRY_RUN_TIMEOUTS = {
-    "throughput demo": 300,
-    "throughput paper": 300,
+    "throughput demo": 360,
+    "throughput paper": 480,
     "diffusers bf16 paper": 240,
     "data path": 120,
-    "experiment smoke": 600,
+    "experiment smoke": 900,
 }
 DRY_RUN_BUDGET_S = sum(DRY_RUN_TIMEOUTS.values())
 REFUSAL = (
