@@ -69,6 +69,20 @@ class ResBlock(nn.Module):
         return self.skip(x) + self.out_layers(h)
 
 
+# Without AMX, PyTorch's fused CPU attention kernel runs about twice as fast in float32 as in
+# bfloat16 (AVX512-BF16 speeds up its convolutions, not this kernel's small matrix products).
+_CPU_ATTENTION_IN_FLOAT32 = not torch.cpu._is_amx_tile_supported()
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``scaled_dot_product_attention``; on a CPU without AMX, bfloat16 inputs are computed in
+    float32 and the result cast back."""
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and _CPU_ATTENTION_IN_FLOAT32:
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
 class AttentionBlock(nn.Module):
     def __init__(self, channels: int, num_heads: int) -> None:
         super().__init__()
@@ -88,7 +102,7 @@ class AttentionBlock(nn.Module):
             .contiguous()  # the fused attention kernels need unit stride in the last dimension
             .unbind(1)
         )
-        h = F.scaled_dot_product_attention(q, k, v)
+        h = attention(q, k, v)
         h = h.transpose(-1, -2).reshape(batch, channels, -1)
         return x + self.proj(h).reshape(batch, channels, height, width)
 
