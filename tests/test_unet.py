@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from lightning_modules.diffusion import unet as unet_module
 from lightning_modules.diffusion.noise_schedule import NoiseSchedule
-from lightning_modules.diffusion.unet import AttentionBlock, UNet
+from lightning_modules.diffusion.unet import AttentionBlock, UNet, attention
 
 
 @pytest.mark.parametrize(
@@ -121,3 +122,23 @@ def test_ddim_is_deterministic_for_a_seed():
     assert not torch.equal(draw(1), draw(2))
     with pytest.raises(ValueError, match="DDIM steps"):
         schedule.ddim_sample(unet, (1, 1, 8, 8), 0)
+
+
+def test_cpu_attention_without_amx_computes_bfloat16_in_float32(monkeypatch):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 64, 8).unbind(0)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(attention(q, k, v), expected)
+    seen = []
+    kernel = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        unet_module.F,
+        "scaled_dot_product_attention",
+        lambda *tensors: seen.append(tensors[0].dtype) or kernel(*tensors),
+    )
+    with torch.autocast("cpu", torch.bfloat16):
+        low = attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert low.dtype == torch.bfloat16
+    without_amx = not torch.cpu._is_amx_tile_supported()
+    assert seen == [torch.float32 if without_amx else torch.bfloat16]
+    assert (low.float() - expected).abs().max() < 0.05  # the inputs' rounding, no more
