@@ -62,6 +62,21 @@ def run_script(name: str, *args: object) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.fixture(scope="session")
+def ddp_fits(tmp_path_factory, session_cache) -> Path:
+    """The outputs of ``tests/ddp_fits.py``: its two-process DDP fits, launched once for the
+    tests of every module that compares ranks (one process group, as an experiment runs), and
+    the one-process probe run they are compared with, fitted here."""
+    from ddp_fits import fit_probe
+
+    out = tmp_path_factory.mktemp("ddp")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PLANKTON_CACHE", str(session_cache))
+        fit_probe(out, 1)  # first: it writes the images both ranks then read
+        run_script("ddp_fits.py", out)
+    return out
+
+
 def shared_dataset(name: str) -> Path:
     """A real dataset beside the repository, or skip: users and fresh clones do not have it."""
     path = SHARED_DATA / name

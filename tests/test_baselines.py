@@ -1,9 +1,8 @@
 import lightning as L
 import pytest
 import torch
-from conftest import run_script
 
-from datamodules import PlanktonDataModule
+from datamodules import PlanktonDataModule, SyntheticPlankton
 from lightning_modules import (
     BASELINES,
     METHODS,
@@ -24,6 +23,30 @@ def datamodule(tiny_spec):
     return PlanktonDataModule(synthetic=tiny_spec, image_size=16, batch_size=16, progress=False)
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, session_cache):
+    """A checkpoint of each baseline after one fast_dev_run step, fitted once for the module's
+    tests (none changes the module or the file)."""
+    folder = tmp_path_factory.mktemp("trained")
+    spec = SyntheticPlankton(classes=4, per_class=24, imbalance=4.0, size=32, seed=3)  # tiny_spec
+    data = PlanktonDataModule(synthetic=spec, image_size=16, batch_size=16, progress=False,
+                              cache_dir=str(session_cache))  # fmt: skip
+    fitted = {}
+
+    def fit(cls):
+        if cls not in fitted:
+            torch.manual_seed(0)
+            module = _module(cls, data)
+            trainer = _trainer(folder, fast_dev_run=True)
+            trainer.fit(module, data)
+            path = folder / f"{cls.__name__}.ckpt"
+            trainer.save_checkpoint(path)
+            fitted[cls] = module.eval(), path
+        return fitted[cls]
+
+    return fit
+
+
 def _module(cls, data, **settings):
     return cls(num_classes=data.num_classes, class_names=data.class_names, **SMALL, **settings)
 
@@ -37,14 +60,9 @@ def _trainer(root, **settings):
 
 
 @pytest.mark.parametrize("name", BASELINES)
-def test_fit_test_and_predict_from_a_checkpoint(name, datamodule, tmp_path):
+def test_fit_test_and_predict_from_a_checkpoint(name, trained, datamodule, tmp_path):
     cls = METHODS[name].module
-    torch.manual_seed(0)
-    module = _module(cls, datamodule)
-    trainer = _trainer(tmp_path, fast_dev_run=True)
-    trainer.fit(module, datamodule)
-    checkpoint = tmp_path / "model.ckpt"
-    trainer.save_checkpoint(checkpoint)
+    _, checkpoint = trained(cls)  # fitted and saved
     restored = cls.load_from_checkpoint(checkpoint, weights_only=False)
     tester = _trainer(tmp_path, limit_test_batches=2, limit_predict_batches=1)
     results = tester.test(restored, datamodule)
@@ -151,22 +169,6 @@ def test_knn_metric_classifies_planted_neighbours():
         knn.compute()
 
 
-@pytest.fixture
-def trained(datamodule, tmp_path):
-    """A checkpoint of each baseline after one fast_dev_run step."""
-
-    def fit(cls):
-        torch.manual_seed(0)
-        module = _module(cls, datamodule)
-        trainer = _trainer(tmp_path, fast_dev_run=True)
-        trainer.fit(module, datamodule)
-        path = tmp_path / f"{cls.__name__}.ckpt"
-        trainer.save_checkpoint(path)
-        return module.eval(), path
-
-    return fit
-
-
 def test_encoder_features_are_the_embedding_bit_identical_in_any_batch(trained):
     module, path = trained(SupervisedModule)
     source = EncoderFeatures(str(path), micro_batch=4)
@@ -221,9 +223,8 @@ def test_encoder_features_refuse_a_checkpoint_of_another_kind(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["supervised", "simclr"])
-def test_ddp_fit_on_two_processes_keeps_ranks_in_step(method, tmp_path):
-    run_script("ddp_baseline_fit.py", method, tmp_path)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+def test_ddp_fit_on_two_processes_keeps_ranks_in_step(method, ddp_fits):
+    ranks = [torch.load(ddp_fits / method / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0]["step"] == ranks[1]["step"] > 0
     for name, value in ranks[0]["weights"].items():
         assert torch.equal(value, ranks[1]["weights"][name]), name

@@ -4,7 +4,6 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_script
 
 from datamodules import PlanktonDataModule
 from lightning_modules import DiffusionFeatures, DiffusionModule, OnlineProbe, load_diffusion
@@ -310,9 +309,9 @@ def test_from_checkpoint_reads_the_ema_weights(tmp_path, trained_module):
 
 
 @pytest.mark.slow
-def test_ddp_fit_keeps_ema_identical_on_both_ranks(tmp_path):
-    run_script("ddp_diffusion_fit.py", tmp_path)
-    ranks = [torch.load(tmp_path / f"ema_rank{r}.pt", weights_only=True) for r in (0, 1)]
+def test_ddp_fit_keeps_ema_identical_on_both_ranks(ddp_fits):
+    folder = ddp_fits / "diffusion"
+    ranks = [torch.load(folder / f"ema_rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0]["step"] == ranks[1]["step"] > 0
     for name, value in ranks[0]["ema"].items():
         assert torch.equal(value, ranks[1]["ema"][name]), name

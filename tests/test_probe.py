@@ -4,7 +4,6 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
 from planted import CLASSES, PlantedFeatures, PlantedTokens, write_planted_images
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
@@ -214,9 +213,8 @@ def test_lbfgs_needs_cached_features():
 
 
 @pytest.mark.slow
-def test_ddp_probe_matches_one_process(tmp_path):
-    for devices in (1, 2):
-        run_script("ddp_probe_fit.py", tmp_path, devices)
+def test_ddp_probe_matches_one_process(ddp_fits):
+    tmp_path = ddp_fits / "probe"
     # Two ranks extracted a shard each: the joined cache equals one process's, bit for bit.
     caches = [sorted((tmp_path / f"features{d}" / "features").glob("*.npy")) for d in (1, 2)]
     assert [p.name for p in caches[0]] == [p.name for p in caches[1]] and caches[0]
