@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPOSITORY
 
 from cli import main
@@ -19,6 +20,35 @@ from workflows.report import table_rows
 
 SMOKE = REPOSITORY / "configs" / "experiments" / "smoke.yaml"
 EXPERIMENT_CONFIGS = sorted((REPOSITORY / "configs" / "experiments").glob("*.yaml"))
+# The ResNet baselines of the tests: resnet10t keeps timm's ImageNet stem at 16 px, a small
+# fraction of resnet18's compute with the small-input stem; what the tests check (stages, resume,
+# ranks, records) does not depend on the backbone.
+LIGHT_BACKBONE = {"model.init_args.backbone": "resnet10t"}
+# L-BFGS probes choose their weight decay on validation among two decays, not the default five
+# (the probes' largest cost; test_probe.py checks the choice among the whole grid).
+DECAY_GRID = {"model.init_args.weight_decay": [1e-3, 1e-1]}
+
+
+def _smoke_config(path):
+    """``smoke.yaml`` with the light backbone for the supervised, SimCLR and DINO runs."""
+    settings = yaml.safe_load(SMOKE.read_text())
+    folder = SMOKE.parent
+    settings["data"] = str((folder / settings["data"]).resolve())
+    sections = [settings["diffusion"], *settings["baselines"].values()]
+    sections += [settings["probes"][name] for name in ("diffusion", "encoder", "pixels")]
+    for section in sections:
+        section["config"] = str((folder / section["config"]).resolve())
+    for name in ("supervised", "simclr", "dino"):
+        baseline = settings["baselines"][name]
+        baseline["overrides"] = {**baseline.get("overrides", {}), **LIGHT_BACKBONE}
+    for name in ("diffusion", "encoder", "pixels"):
+        probe = settings["probes"][name]
+        probe["overrides"] = {**probe.get("overrides", {}), **DECAY_GRID}
+    for readout in settings["probes"]["readouts"].values():  # one decay for AdamW: its default
+        if readout.get("overrides", {}).get("model.init_args.solver") == "adamw":
+            readout["overrides"]["model.init_args.weight_decay"] = 1e-4
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    return path
 
 
 def _wait_for(path, process, timeout=240):
@@ -32,7 +62,8 @@ def _wait_for(path, process, timeout=240):
 
 def test_smoke_experiment_killed_mid_stage_resumes_and_reports_every_method(tmp_path, capsys):
     out = tmp_path / "smoke"
-    command = [sys.executable, "cli.py", "experiment", "--config", str(SMOKE), "--out", str(out)]
+    smoke = _smoke_config(tmp_path / "smoke.yaml")
+    command = [sys.executable, "cli.py", "experiment", "--config", str(smoke), "--out", str(out)]
     process = subprocess.Popen(
         command, cwd=REPOSITORY, env=dict(os.environ), stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True,
@@ -57,7 +88,7 @@ def test_smoke_experiment_killed_mid_stage_resumes_and_reports_every_method(tmp_
     assert f"Not in the tables (not evaluated yet): {missing}" in partial
 
     capsys.readouterr()
-    assert main(["experiment", "--config", str(SMOKE), "--out", str(out)]) == 0
+    assert main(["experiment", "--config", str(smoke), "--out", str(out)]) == 0
     log = capsys.readouterr().out
     assert "[data] done earlier, skipped" in log and "[diffusion] done earlier, skipped" in log
     assert "supervised_balanced: resuming from" in log
@@ -145,7 +176,7 @@ def test_smoke_experiment_killed_mid_stage_resumes_and_reports_every_method(tmp_
     assert rebuilt.split("## Settings")[0] == report.split("## Settings")[0]
     clustering = (out / "clustering" / "done.json").stat().st_mtime_ns
     assert (
-        main(["experiment", "--config", str(SMOKE), "--out", str(out), "--force", "clustering"])
+        main(["experiment", "--config", str(smoke), "--out", str(out), "--force", "clustering"])
         == 0
     )
     assert (out / "clustering" / "done.json").stat().st_mtime_ns != clustering
@@ -231,7 +262,8 @@ def test_one_budget_for_every_pretraining_run(tmp_path, capsys):
 
 
 # A whole experiment at toy size: every stage, one baseline (or none), and a probe without
-# pretraining (raw pixels), whose numbers must not depend on the number of processes.
+# pretraining (raw pixels), whose numbers must not depend on the number of processes. Its probes
+# take one weight decay: the tests of it are about processes, not the choice of a decay.
 TOY_EXPERIMENT = """
 name: toy
 data: {configs}/data/synthetic.yaml
@@ -265,21 +297,29 @@ probes:
     overrides:
       model.init_args.features.init_args.layers: ["mid.*"]
       model.init_args.features.init_args.timesteps: [1, 10]
-  encoder: {{config: {configs}/probe_encoder.yaml, max_epochs: 2}}
-  pixels: {{config: {configs}/probe_pixels.yaml, max_epochs: 2}}
-samples: 4
+      model.init_args.weight_decay: 0.001
+  encoder: {{config: {configs}/probe_encoder.yaml, max_epochs: 2, overrides: {{{decay}}}}}
+{pixels}samples: 4
 """
 TWO_PROCESSES = "accelerator: cpu, devices: 2, strategy: ddp, "
 
 
-def _toy_experiment(path, processes="", supervised=True):
+def _toy_experiment(path, processes="", supervised=True, pixels=True):
     configs = REPOSITORY / "configs"
-    baselines = f"{{supervised: {{config: {configs}/supervised.yaml, max_epochs: 4}}}}"
+    backbone = ", ".join(f"{k}: {v}" for k, v in LIGHT_BACKBONE.items())
+    baselines = (
+        f"{{supervised: {{config: {configs}/supervised.yaml, max_epochs: 4, "
+        f"overrides: {{{backbone}}}}}}}"
+    )
+    decay = "model.init_args.weight_decay: 0.001"  # one decay: no grid to choose from
+    pixels_probe = f"  pixels: {{config: {configs}/probe_pixels.yaml, max_epochs: 2, "
+    pixels_probe += f"overrides: {{{decay}}}}}\n"
     path.write_text(
         TOY_EXPERIMENT.format(
-            configs=configs, processes=processes, baselines=baselines if supervised else "{}"
+            configs=configs, processes=processes, baselines=baselines if supervised else "{}",
+            pixels=pixels_probe if pixels else "", decay=decay,
         )
-    )
+    )  # fmt: skip
     return path
 
 
@@ -375,7 +415,8 @@ def test_experiment_on_two_processes_resumes_after_a_rank_is_killed(tmp_path):
 @pytest.mark.skipif(sys.platform != "linux", reason="simulates a two-task SLURM job")
 @pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
 def test_experiment_started_by_torchrun_or_slurm(launcher, tmp_path):
-    config = _toy_experiment(tmp_path / "x.yaml", TWO_PROCESSES, supervised=False)
+    # The stages of any experiment on two processes: one probe (of the diffusion model) is enough.
+    config = _toy_experiment(tmp_path / "x.yaml", TWO_PROCESSES, supervised=False, pixels=False)
     out = tmp_path / "run"
     experiment = ["-m", "cli", "experiment", "--config", str(config), "--out", str(out)]
     with socket.socket() as free:
