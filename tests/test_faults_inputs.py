@@ -76,9 +76,9 @@ def test_classify_refuses_to_overwrite_and_to_write_a_folder_or_a_non_csv(tmp_pa
     assert existing.read_text() == "earlier results"
 
 
-def test_a_cache_built_during_a_fit_does_not_stop_it(tmp_path):
-    """`data inspect` at another image size builds a second cache of the source the fit
-    reads; the fit must finish."""
+def test_a_cache_built_during_a_fit_does_not_stop_it(tmp_path, capsys):
+    """`data inspect` (here, in the test's process) at another image size builds a second cache
+    of the source the fit (another process) reads; the fit must finish."""
     data = _synth(tmp_path / "d", classes=3, per_class=12)
     env = {**os.environ, "PYTHONPATH": str(REPOSITORY)}
     fit = subprocess.Popen(
@@ -95,9 +95,7 @@ def test_a_cache_built_during_a_fit_does_not_stop_it(tmp_path):
         assert fit.poll() is None, fit.stderr.read()[-2000:]
         assert time.monotonic() - start < 240
         time.sleep(0.1)
-    inspect = subprocess.run(
-        [sys.executable, "cli.py", "data", "inspect", "--root", str(data), "--json"],
-        cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
-    assert inspect.returncode == 0, inspect.stderr[-2000:]
+    capsys.readouterr()
+    assert main(["data", "inspect", "--root", str(data), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["skipped"] == []
     assert fit.wait(timeout=300) == 0, fit.stderr.read()[-2000:]
