@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PYTHON) -m pytest -q
 
-# The whole protocol on the synthetic default (under 20 minutes on 2 CPU cores): data, diffusion
-# and baselines pretraining, every probe, clustering and runs/demo/report.md. Re-running resumes.
+# The whole protocol on the synthetic default (about 11 minutes on 2 CPU cores with native
+# bfloat16; README): data, diffusion and baselines pretraining, every probe, clustering and
+# runs/demo/report.md. Re-running resumes.
 demo: $(STAMP)
 	$(VENV)/bin/plankton experiment --config configs/experiments/demo.yaml --out runs/demo
 
