@@ -113,7 +113,7 @@ def main() -> None:
         help="a finished `make demo` folder to compare with (default runs/demo, if finished)",
     )
     args = parser.parse_args()
-    fraction = args.fraction or (0.1 if args.quick else 0.2)
+    fraction = args.fraction if args.fraction is not None else (0.1 if args.quick else 0.2)
     if not 0 < fraction <= 1:
         parser.error(f"--fraction must be in (0, 1], got {fraction}")
     with work_dir(args.cache_dir) as folder:
