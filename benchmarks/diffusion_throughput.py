@@ -220,6 +220,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def seconds(run: Callable[[], object], calls: int, device: torch.device) -> float:
+    """Wall time of ``calls`` calls of ``run``, the device's queue drained before and after."""
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(calls):
+        run()
+    synchronize(device)
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argument_parser(__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -274,21 +284,12 @@ def main() -> None:
             model.step()
     for probe in peaks:
         probe.run()  # oneDNN's first call of a shape builds its kernel
+    timed = [(model.step, batch, model.rates) for model in models]
+    timed_peaks = [(probe.run, probe.flops, probe.rates) for probe in peaks]
     for round_index in range(rounds):
-        for model in models if round_index % 2 == 0 else models[::-1]:
-            synchronize(device)
-            started = time.perf_counter()
-            for _ in range(steps):
-                model.step()
-            synchronize(device)
-            model.rates.append(steps * batch / (time.perf_counter() - started))
-        for probe in peaks if round_index % 2 == 0 else peaks[::-1]:
-            synchronize(device)
-            started = time.perf_counter()
-            for _ in range(steps):
-                probe.run()
-            synchronize(device)
-            probe.rates.append(steps * probe.flops / (time.perf_counter() - started))
+        for work in (timed, timed_peaks):
+            for run, amount, rates in work if round_index % 2 == 0 else work[::-1]:
+                rates.append(steps * amount / seconds(run, steps, device))
 
     peak = peak_flops(device, precision)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
