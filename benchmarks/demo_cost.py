@@ -35,8 +35,10 @@ PRETRAINING_STAGES = ("diffusion", "baselines")
 def scaled_config(fraction: float, folder: Path, precision: str | None = None) -> Path:
     """The demo config with a fraction of its images and pretraining epochs, its paths made
     absolute so that it runs from ``folder``; ``precision`` replaces the shared ``auto``."""
-    settings = yaml.safe_load(DEMO.read_text())
-    data = yaml.safe_load((DEMO.parent / settings["data"]).read_text())
+    from workflows.experiment import settings_with_absolute_paths
+
+    settings = settings_with_absolute_paths(DEMO)
+    data = yaml.safe_load(Path(settings["data"]).read_text())
     synthetic = dict(data["synthetic"])
     synthetic["per_class"] = max(4, round(synthetic["per_class"] * fraction))
     overrides = dict(settings.get("data_overrides") or {})
@@ -44,7 +46,6 @@ def scaled_config(fraction: float, folder: Path, precision: str | None = None) -
     overrides["max_per_class"] = max(2, round(data["max_per_class"] * fraction))
     overrides["progress"] = False
     settings["data_overrides"] = overrides
-    settings["data"] = str((DEMO.parent / settings["data"]).resolve())
     trainer = dict(settings.get("trainer_overrides") or {})
     trainer |= {"enable_progress_bar": False, "enable_model_summary": False}
     if precision:
@@ -53,8 +54,6 @@ def scaled_config(fraction: float, folder: Path, precision: str | None = None) -
     pretraining = [settings["diffusion"], *settings.get("baselines", {}).values()]
     for section in pretraining:
         section["max_epochs"] = max(1, round(section["max_epochs"] * fraction))
-    for section in [*pretraining, *settings["probes"].values()]:
-        section["config"] = str((DEMO.parent / section["config"]).resolve())
     path = folder / "demo_scaled.yaml"
     path.write_text(yaml.safe_dump(settings, sort_keys=False))
     return path

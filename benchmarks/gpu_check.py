@@ -168,21 +168,9 @@ def experiment_config(folder: Path, dry_run: bool) -> Path:
     its file) and the trainer on the GPU, written into ``folder``. For ``dry_run`` the trainer is
     on the CPU, and one regime and one extra readout are kept (every stage still runs), which
     halves the smoke's many short runs."""
-    import yaml
+    from workflows.experiment import settings_with_absolute_paths
 
-    settings = yaml.safe_load(SMOKE.read_text())
-    base = SMOKE.parent
-
-    def absolute(section: dict | None) -> None:
-        if isinstance(section, dict) and "config" in section:
-            section["config"] = str((base / section["config"]).resolve())
-
-    settings["data"] = str((base / settings["data"]).resolve())
-    absolute(settings["diffusion"])
-    for section in (settings.get("baselines") or {}).values():
-        absolute(section)
-    for name in ("diffusion", "encoder", "pixels"):
-        absolute((settings.get("probes") or {}).get(name))
+    settings = settings_with_absolute_paths(SMOKE)
     trainer = settings.setdefault("trainer_overrides", {})
     if dry_run:
         trainer.update(accelerator="cpu", devices=1)
@@ -191,6 +179,8 @@ def experiment_config(folder: Path, dry_run: bool) -> Path:
         settings["probes"]["readouts"] = dict(list(readouts.items())[:1])
     else:  # the GPU's default precision, as a user's run there gets it
         trainer.update(accelerator="gpu", devices=1, precision="auto")
+    import yaml
+
     path = folder / "gpu_smoke.yaml"
     path.write_text(yaml.safe_dump(settings, sort_keys=False))
     return path

@@ -15,7 +15,7 @@ from conftest import REPOSITORY
 
 from cli import main
 from lightning_modules.common.abundance import ESTIMATORS
-from workflows.experiment import Experiment, ExperimentRunner
+from workflows.experiment import Experiment, ExperimentRunner, settings_with_absolute_paths
 from workflows.report import table_rows
 
 SMOKE = REPOSITORY / "configs" / "experiments" / "smoke.yaml"
@@ -32,13 +32,7 @@ DECAY_GRID = {"model.init_args.weight_decay": [1e-3, 1e-1], "model.init_args.lbf
 
 def _smoke_config(path):
     """``smoke.yaml`` with the light backbone for the supervised, SimCLR and DINO runs."""
-    settings = yaml.safe_load(SMOKE.read_text())
-    folder = SMOKE.parent
-    settings["data"] = str((folder / settings["data"]).resolve())
-    sections = [settings["diffusion"], *settings["baselines"].values()]
-    sections += [settings["probes"][name] for name in ("diffusion", "encoder", "pixels")]
-    for section in sections:
-        section["config"] = str((folder / section["config"]).resolve())
+    settings = settings_with_absolute_paths(SMOKE)
     for name in ("supervised", "simclr", "dino"):
         baseline = settings["baselines"][name]
         baseline["overrides"] = {**baseline.get("overrides", {}), **LIGHT_BACKBONE}

@@ -261,6 +261,22 @@ def tensorboard_logger(folder: Path) -> dict:
     }
 
 
+def settings_with_absolute_paths(path: Path) -> dict:
+    """An experiment config's settings with ``data`` and every method's ``config`` made absolute
+    (they are relative to the file), so that a changed copy can be written anywhere."""
+    path = Path(path)
+    settings = yaml.safe_load(path.read_text()) or {}
+    folder = path.parent
+    settings["data"] = str((folder / settings["data"]).resolve())
+    probes = settings.get("probes") or {}
+    sections = [settings.get("diffusion"), *(settings.get("baselines") or {}).values()]
+    sections += [probes.get(name) for name in PROBE_KEYS if name != "readouts"]
+    for section in sections:
+        if isinstance(section, dict) and "config" in section:
+            section["config"] = str((folder / section["config"]).resolve())
+    return settings
+
+
 def write_json(path: Path, content: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(content, indent=2, default=str))
