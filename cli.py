@@ -17,6 +17,7 @@ the whole traceback instead, for a bug report.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import pickle
@@ -377,6 +378,9 @@ def user_error(error: BaseException) -> str | None:
         hint = ""
         if isinstance(error, PermissionError):
             hint = ": check its permissions, or write elsewhere (--trainer.default_root_dir, --out)"
+        elif error.errno in (errno.ENOSPC, errno.EROFS):
+            hint = (": free space there, or write elsewhere (--trainer.default_root_dir, --out, "
+                    "PLANKTON_CACHE or data.cache_dir for caches)")  # fmt: skip
         return f"{error.filename}: {error.strerror}{hint}"
     return str(error)
 

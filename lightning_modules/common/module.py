@@ -14,6 +14,8 @@ import torch
 
 from datamodules.views import View
 
+from .checkpoint_io import check_finite
+
 
 def load_checkpoint(path: str | Path) -> dict:
     """A Lightning checkpoint read with ``torch.load(weights_only=True)``: only tensors and
@@ -21,7 +23,8 @@ def load_checkpoint(path: str | Path) -> dict:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the file is not a checkpoint that loads that way.
+        ValueError: the file is not a checkpoint that loads that way, or its weights are not
+            finite (a diverged run).
     """
     path = Path(path)
     if not path.is_file():
@@ -38,6 +41,7 @@ def load_checkpoint(path: str | Path) -> dict:
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    check_finite(checkpoint, path)
     return checkpoint
 
 

@@ -5,6 +5,9 @@ bfloat16 (AVX2 only: no AVX512-BF16, no AMX) PyTorch emulates it, and ``bf16-mix
 diffusion config 8x slower than ``32-true``; on a CPU that has it, about 2x faster. So the shared
 default is ``auto``, resolved once per run from what the accelerator can do, and an explicit
 precision always wins.
+
+Every run also gets the suite's safeguards: divergence stops it, preemption saves its step, and
+its checkpoints are written whole or not at all.
 """
 
 from __future__ import annotations
@@ -14,7 +17,12 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.fabric.connector import _PRECISION_INPUT
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
+
+from .checkpoint_io import AtomicCheckpointIO
+from .divergence import StopOnDivergence
+from .preemption import CheckpointOnPreemption
 
 
 def _cpu_bf16_units() -> list[str]:
@@ -71,4 +79,26 @@ class PlanktonTrainer(L.Trainer):
             rank_zero_info(f"precision: auto -> {precision} ({reason})")
         else:
             rank_zero_info(f"precision: {precision} (as set)")
-        super().__init__(precision=precision, **kwargs)
+        _add_safeguards(kwargs)  # in place: jsonargparse reads the Trainer's arguments from the
+        super().__init__(precision=precision, **kwargs)  # plain forwarding of **kwargs
+
+
+def _add_safeguards(kwargs: dict) -> None:
+    """The suite's safeguards added to the Trainer arguments given: a run that diverges
+    stops (``StopOnDivergence``), a preempted one saves its step (``CheckpointOnPreemption``),
+    and checkpoints are written atomically (``AtomicCheckpointIO``, unless a checkpoint IO
+    is given)."""
+    callbacks = _as_list(kwargs.get("callbacks"))
+    for guard in (StopOnDivergence, CheckpointOnPreemption):
+        if not any(isinstance(callback, guard) for callback in callbacks):
+            callbacks.append(guard())
+    plugins = _as_list(kwargs.get("plugins"))
+    if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+        plugins.append(AtomicCheckpointIO())
+    kwargs.update(callbacks=callbacks, plugins=plugins)
+
+
+def _as_list(value: object) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
