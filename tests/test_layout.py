@@ -153,17 +153,19 @@ def _circles(graph: dict[str, dict[str, str]]) -> list[list[str]]:
     return circles
 
 
+def _describe(circle: list[str], graph: dict[str, dict[str, str]]) -> str:
+    """The modules of ``circle``, then each import between them, with its file and line."""
+    imports = [
+        f"  {where} imports {target}"
+        for module in circle
+        for target, where in sorted(graph[module].items())
+        if target in circle
+    ]
+    return "\n".join([f"among {', '.join(circle)}:", *imports])
+
+
 @pytest.mark.parametrize("package", PACKAGES)
 def test_no_import_circle_inside_a_package(package):
     graph = _import_graph(package)
-    circles = [
-        f"among {', '.join(circle)}:\n"
-        + "\n".join(
-            f"  {where} imports {target}"
-            for module in circle
-            for target, where in sorted(graph[module].items())
-            if target in circle
-        )
-        for circle in _circles(graph)
-    ]
-    assert not circles, "import circles " + "\n".join(circles)
+    circles = _circles(graph)
+    assert not circles, "import circles " + "\n".join(_describe(c, graph) for c in circles)
