@@ -264,32 +264,32 @@ def classify_command(argv: list[str]) -> int:
         overwrite=args.overwrite, abundance=args.abundance, reject=args.reject,
         ecotaxa=args.ecotaxa, n_boot=args.n_boot,
     )  # fmt: skip
-    outputs = summary["outputs"]
-    temperature = summary["temperature"]
+    outputs = summary.outputs
+    temperature = summary.temperature
     probabilities = f"temperature {temperature:.3g}" if temperature else "uncalibrated"
     print(
-        f"classified {summary['images']} images on {summary['device']} ({probabilities}): "
-        f"{outputs['predictions']}"
+        f"classified {summary.images} images on {summary.device} ({probabilities}): "
+        f"{outputs.predictions}"
     )
-    rejection = summary["rejection"]
+    rejection = summary.rejection
     if rejection:
         print(
             f"{rejection['rejected']} images unknown: confidence below "
             f"{rejection['threshold']:.3f} (on validation: precision "
             f"{rejection['precision']:.3f}, coverage {rejection['coverage']:.3f})"
         )
-    abundance = summary["abundance"]
-    print(f"abundance table (fractions of the accepted images): {outputs['counts']}")
-    rows = list(summary["counts"].items())[:10]
+    abundance = summary.abundance
+    print(f"abundance table (fractions of the accepted images): {outputs.counts}")
+    rows = list(summary.counts.items())[:10]
     width = max(len("class"), *(len(name) for name, _ in rows))
     print(f"  {'class':<{width}} {'top-1':>6}" + "".join(f"{name:>8}" for name in abundance))
     for name, count in rows:
         fractions = "".join(f"{estimates[name]:>8.3f}" for estimates in abundance.values())
         print(f"  {name:<{width}} {count:>6}{fractions}")
-    if "ecotaxa" in outputs:
-        print(f"EcoTaxa import table: {outputs['ecotaxa']}")
-    if summary["skipped"]:
-        print(f"{summary['skipped']} unreadable files listed in {outputs['skipped']}")
+    if outputs.ecotaxa:
+        print(f"EcoTaxa import table: {outputs.ecotaxa}")
+    if summary.skipped:
+        print(f"{summary.skipped} unreadable files listed in {outputs.skipped}")
     return 0
 
 

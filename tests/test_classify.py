@@ -181,7 +181,7 @@ def test_a_supervised_checkpoint_classifies_a_folder(supervised, sample, tmp_pat
     with torch.no_grad():
         logits = module.classify(images)
     probabilities = (logits / temperature).softmax(-1)
-    assert summary["temperature"] == temperature
+    assert summary.temperature == temperature
     # The checkpoint's temperature is applied: the plain softmax would differ visibly.
     assert not torch.allclose(logits.softmax(-1), probabilities, atol=1e-3)
     rows = {row["path"]: row for row in _read(out)}
@@ -196,7 +196,7 @@ def test_a_supervised_checkpoint_classifies_a_folder(supervised, sample, tmp_pat
         assert sum(values) == pytest.approx(1.0, abs=5e-4)
         assert values == pytest.approx(expected.sort(descending=True).values.tolist(), abs=2e-4)
         assert {rows[name][f"label_{i}"] for i in range(1, 5)} == set(classes)
-    assert "label_5" not in next(iter(rows.values())) and summary["top_k"] == 4
+    assert "label_5" not in next(iter(rows.values())) and summary.top_k == 4
 
     skipped = _read(out.with_name("predictions_skipped.csv"))
     assert [s["path"] for s in skipped] == ["night/broken/corrupt.png"]
@@ -204,14 +204,14 @@ def test_a_supervised_checkpoint_classifies_a_folder(supervised, sample, tmp_pat
 
     counts = _read(out.with_name("predictions_counts.csv"))
     assert list(counts[0]) == ["class", "cc_count", "cc_fraction", "cc_low", "cc_high"]
-    assert [c["class"] for c in counts] == list(summary["counts"])
+    assert [c["class"] for c in counts] == list(summary.counts)
     assert sorted(c["class"] for c in counts) == sorted(classes)  # zero-count classes included
     numbers = [int(c["cc_count"]) for c in counts]
     assert numbers == sorted(numbers, reverse=True) and sum(numbers) == len(readable)
     top1 = Counter(row["label_1"] for row in rows.values())
     assert {c["class"]: int(c["cc_count"]) for c in counts} == {c: top1[c] for c in classes}
     assert float(counts[0]["cc_fraction"]) == pytest.approx(numbers[0] / len(readable), abs=1e-4)
-    assert summary["images"] == len(readable) and summary["skipped"] == 1
+    assert summary.images == len(readable) and summary.skipped == 1
 
 
 @pytest.mark.parametrize("kind", ["encoder", "diffusion"])
@@ -243,7 +243,7 @@ def test_a_probe_checkpoint_reloads_with_the_test_time_predictions(
     summary = classify_folder(checkpoint, sample, out, batch_size=5, device=DEVICE)
     rows = _read(out)
     assert list(rows[0]) == ["path", "label_1", "prob_1", "label_2", "prob_2", "label_3", "prob_3"]
-    assert summary["images"] == len(rows) and summary["skipped"] == 1
+    assert summary.images == len(rows) and summary.skipped == 1
     if kind == "diffusion":  # image i is noised as image i, whatever batch it lands in
         classify_folder(checkpoint, sample, tmp_path / "again.csv", batch_size=64, device=DEVICE)
         assert (tmp_path / "again.csv").read_text() == out.read_text()
@@ -320,7 +320,7 @@ def test_every_estimator_gives_fractions_with_bootstrap_intervals(encoder_probe,
             assert float(c[f"{name}_low"]) <= float(c[f"{name}_fraction"])
             assert float(c[f"{name}_fraction"]) <= float(c[f"{name}_high"])
         assert any(float(c[f"{name}_low"]) < float(c[f"{name}_high"]) for c in counts)
-        assert summary["abundance"][name] == pytest.approx(fractions, abs=5e-5)
+        assert summary.abundance[name] == pytest.approx(fractions, abs=5e-5)
         expected = calibration.quantifier.estimate(probabilities, name)
         assert list(fractions.values()) == pytest.approx(
             [expected[module.class_names.index(c)] for c in fractions], abs=1e-3
@@ -359,9 +359,9 @@ def test_rejected_images_are_unknown_and_counted_apart(strict, sample, tmp_path)
     assert {c["class"]: int(c["cc_count"]) for c in classes} == {
         c["class"]: accepted[c["class"]] for c in classes
     }
-    assert summary["counts"] == {c["class"]: int(c["cc_count"]) for c in classes}
+    assert summary.counts == {c["class"]: int(c["cc_count"]) for c in classes}
     stored = _stored(checkpoint)["classify"]["rejection"]
-    assert summary["rejection"] == {**stored, "rejected": len(unknown)}
+    assert summary.rejection == {**stored, "rejected": len(unknown)}
 
 
 def test_an_ecotaxa_table_is_written_among_the_images(strict, sample, tmp_path):
@@ -370,7 +370,7 @@ def test_an_ecotaxa_table_is_written_among_the_images(strict, sample, tmp_path):
     summary = classify_folder(strict[0], images, out, top_k=2, device=DEVICE, ecotaxa=True,
                               reject=True)  # fmt: skip
     table = images / "ecotaxa_p.tsv"
-    assert summary["outputs"]["ecotaxa"] == str(table)
+    assert summary.outputs.ecotaxa == table
 
     predicted = {row["path"]: row["label"] for row in _read(out)}
     records = scan(table, format="ecotaxa").records
@@ -396,7 +396,7 @@ def test_options_that_need_calibration_refuse_an_old_checkpoint_before_reading_i
         raise AssertionError("an image was read before the refusal")
 
     with monkeypatch.context() as patch:
-        patch.setattr("workflows.classify.load_preprocessed", unread)
+        patch.setattr("workflows.classify_sample.load_preprocessed", unread)
         with pytest.raises(MissingCalibrationError, match="calibrated.*plankton test --config"):
             classify_folder(uncalibrated, sample, tmp_path / "p.csv", ecotaxa=True, **options)
     assert not list(tmp_path.iterdir()) and not (sample / "ecotaxa_p.tsv").exists()
@@ -405,7 +405,7 @@ def test_options_that_need_calibration_refuse_an_old_checkpoint_before_reading_i
 def test_an_old_checkpoint_still_classifies_and_counts(supervised, uncalibrated, sample, tmp_path):
     out = tmp_path / "p.csv"
     summary = classify_folder(uncalibrated, sample, out, top_k=4, device=DEVICE)
-    assert summary["temperature"] is None and summary["rejection"] is None
+    assert summary.temperature is None and summary.rejection is None
     readable, images, _ = _independently_preprocessed(sample, tmp_path)
     with torch.no_grad():
         probabilities = supervised[0].classify(images).softmax(-1)  # the plain softmax
@@ -413,7 +413,7 @@ def test_an_old_checkpoint_still_classifies_and_counts(supervised, uncalibrated,
     for name, expected in zip(readable, probabilities, strict=True):
         values = [float(rows[name][f"prob_{i}"]) for i in range(1, 5)]
         assert values == pytest.approx(expected.sort(descending=True).values.tolist(), abs=2e-4)
-    assert sum(summary["counts"].values()) == len(readable)
+    assert sum(summary.counts.values()) == len(readable)
 
 
 def test_unknown_estimators_are_refused_with_the_choices(supervised, sample, tmp_path):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import io
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -102,27 +103,9 @@ def write_ecotaxa_predictions(
             numbers in [0, 1], or an image missing next to the table.
     """
     path = check_ecotaxa_name(path)
-    if isinstance(probabilities, torch.Tensor):
-        # float32 holds a score to 7 digits; numpy has no bfloat16
-        probabilities = probabilities.detach().float().cpu().numpy()
-    scores = np.asarray(probabilities)
-    if not np.issubdtype(scores.dtype, np.floating):
-        scores = scores.astype(np.float64)
-    n, classes = len(files), len(class_names)
-    if scores.shape != (n, classes):
-        raise ValueError(
-            f"probabilities have shape {tuple(scores.shape)}; expected ({n}, {classes}): one row "
-            "per file and one column per class"
-        )
-    if not 1 <= top_k <= min(classes, MAX_TEXT_COLUMNS):
-        raise ValueError(
-            f"top_k={top_k} must be between 1 and the number of classes ({classes}), and at most "
-            f"{MAX_TEXT_COLUMNS}, the number of free text columns EcoTaxa allows"
-        )
-    if not (np.isfinite(scores).all() and (scores >= 0).all() and (scores <= 1).all()):
-        raise ValueError("probabilities must be finite and in [0, 1]: pass softmax outputs")
+    scores = _checked_scores(probabilities, len(files), len(class_names), top_k)
     object_ids = [PurePosixPath(f).stem for f in files] if object_ids is None else object_ids
-    _check_column("object_ids", object_ids, n)
+    _check_column("object_ids", object_ids, len(files))
     duplicates = [i for i, count in Counter(object_ids).items() if count > 1]
     if duplicates:
         raise ValueError(
@@ -138,26 +121,61 @@ def write_ecotaxa_predictions(
     # A stable sort: tied scores keep the class order, so the table does not depend on the run.
     ranked = np.argsort(-scores, axis=1, kind="stable")[:, :top_k]
     labels = [class_names[row[0]] for row in ranked] if labels is None else labels
-    _check_column("labels", labels, n)
+    _check_column("labels", labels, len(files))
+    text = _table(top_k, zip(files, object_ids, labels, strict=True), class_names, scores, ranked)
+    # EcoTaxa reads Latin-1 unless the file starts with a UTF-8 mark: a class name with an
+    # accent needs the mark, a plain ASCII table stays readable by older importers without it.
+    write_text_atomic(path, text if text.isascii() else _BOM + text)
+    return path
 
+
+def _checked_scores(
+    probabilities: np.ndarray | torch.Tensor, n: int, classes: int, top_k: int
+) -> np.ndarray:
+    """``probabilities`` as a float array, once its shape (``n`` files by ``classes``), its
+    values and ``top_k`` are checked."""
+    if isinstance(probabilities, torch.Tensor):
+        # float32 holds a score to 7 digits; numpy has no bfloat16
+        probabilities = probabilities.detach().float().cpu().numpy()
+    scores = np.asarray(probabilities)
+    if not np.issubdtype(scores.dtype, np.floating):
+        scores = scores.astype(np.float64)
+    if scores.shape != (n, classes):
+        raise ValueError(
+            f"probabilities have shape {tuple(scores.shape)}; expected ({n}, {classes}): one row "
+            "per file and one column per class"
+        )
+    if not 1 <= top_k <= min(classes, MAX_TEXT_COLUMNS):
+        raise ValueError(
+            f"top_k={top_k} must be between 1 and the number of classes ({classes}), and at most "
+            f"{MAX_TEXT_COLUMNS}, the number of free text columns EcoTaxa allows"
+        )
+    if not (np.isfinite(scores).all() and (scores >= 0).all() and (scores <= 1).all()):
+        raise ValueError("probabilities must be finite and in [0, 1]: pass softmax outputs")
+    return scores
+
+
+def _table(
+    top_k: int,
+    objects: Iterable[tuple[str, str, str]],
+    class_names: list[str],
+    scores: np.ndarray,
+    ranked: np.ndarray,
+) -> str:
+    """The table's text: the header and type rows, then per object (file, id, label) its
+    ranked predictions."""
     header, types = ecotaxa_columns(top_k)
     buffer = io.StringIO()
     writer = csv.writer(buffer, delimiter="\t", lineterminator="\n")
     writer.writerow(header)
     writer.writerow(types)
-    for file, object_id, label, row, order in zip(
-        files, object_ids, labels, scores, ranked, strict=True
-    ):
+    for (file, object_id, label), row, order in zip(objects, scores, ranked, strict=True):
         line = [file, object_id, label, STATUS]
         for index in order:
             # the shortest text that reads back as the same number, never in exponent notation
             line += [class_names[index], np.format_float_positional(row[index], trim="-")]
         writer.writerow(line)
-    text = buffer.getvalue()
-    # EcoTaxa reads Latin-1 unless the file starts with a UTF-8 mark: a class name with an
-    # accent needs the mark, a plain ASCII table stays readable by older importers without it.
-    write_text_atomic(path, text if text.isascii() else _BOM + text)
-    return path
+    return buffer.getvalue()
 
 
 def _check_column(name: str, values: list[str], n: int) -> None:

@@ -71,9 +71,8 @@ class DINOModule(SelfSupervisedModule):
         freeze_last_layer: epochs during which the head's last layer is not updated
             (solo-learn's CIFAR recipe: 1).
         lr: learning rate for a global batch of 256, scaled linearly. 4.0, chosen on validation
-            at the short budgets of the demo and NDSB (``benchmarks/ssl_recipes.py``): DINO
-            learns more slowly per step than SimCLR, whose default is 1.0; lightly's CIFAR-10
-            recipe uses 0.12 for 200 epochs.
+            at the short budgets of the demo and NDSB, since DINO learns more slowly per step
+            than SimCLR (``docs/tuning/dino.md``); lightly's 0.12 is for 200 epochs.
         **shared: the settings of ``SelfSupervisedModule`` (``num_classes``, ``backbone``,
             ``lr``...).
     """

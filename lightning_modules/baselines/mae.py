@@ -57,9 +57,8 @@ class MAEModule(SelfSupervisedModule):
             ResNet name is refused, and so is ``small_input_stem``: neither applies to a ViT.
         patch_size: pixels per patch side; divides the image size. 4 (lightly: 16 at 224 px)
             keeps an 8x8 grid at 32 px: 16 px patches would leave 4 tokens, too few to mask.
-        depth: encoder blocks; None keeps the name's. At 32 px, batch 64, on CPU in float32, a
-            training step of the defaults costs about 1.7x SimCLR's two ResNet-18 views; 6
-            blocks bring that to 1.1x.
+        depth: encoder blocks; None keeps the name's. Fewer blocks bring a training step
+            closer to SimCLR's cost (``docs/tuning/mae.md``).
         decoder_dim: decoder width (lightly: 512 for a 768-wide encoder); narrower than the
             encoder, as MAE's light decoder is.
         decoder_depth: decoder blocks (lightly: 8). The decoder runs on every token, the

@@ -34,7 +34,7 @@ class SelfSupervisedModule(EvalSetClassifier):
     DINO on a ResNet-18 reach kNN accuracies of 0.847 and 0.840: SGD with momentum 0.9, weight
     decay 5e-4, a cosine schedule without warm-up, and the small-input stem at 32 px. Its rate,
     0.06 per 128 images, is for 200 epochs; at the short budgets a CPU affords, 1.0 per 256
-    learns far more (``benchmarks/ssl_recipes.py``), so that is the default. lightly's ImageNet
+    learns far more (``docs/tuning/simclr.md``), so that is the default. lightly's ImageNet
     benchmarks use LARS at 0.3 x sqrt(batch) instead, a large-batch optimiser that small batches
     on one CPU or GPU do not need.
 

@@ -2,7 +2,8 @@
 
 bfloat16 autocast pays only where the hardware computes in bfloat16. On a CPU without native
 bfloat16 (AVX2 only: no AVX512-BF16, no AMX) PyTorch emulates it, and ``bf16-mixed`` trained the
-diffusion config 8x slower than ``32-true``; on a CPU that has it, about 2x faster. So the shared
+diffusion config several times slower than ``32-true``; on a CPU that has it, faster
+(``docs/tuning/diffusion.md``). So the shared
 default is ``auto``, resolved once per run from what the accelerator can do, and an explicit
 precision always wins.
 
