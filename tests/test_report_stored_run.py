@@ -13,8 +13,6 @@ from cli import main
 STORED_RUN = REPOSITORY / "tests" / "data" / "smoke_run"
 
 
-
-
 def test_a_stored_run_is_reported_as_it_was(tmp_path, capsys):
     run_dir = tmp_path / "smoke_run"
     shutil.copytree(STORED_RUN, run_dir)
