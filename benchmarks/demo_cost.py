@@ -35,7 +35,7 @@ PRETRAINING_STAGES = ("diffusion", "baselines")
 def scaled_config(fraction: float, folder: Path, precision: str | None = None) -> Path:
     """The demo config with a fraction of its images and pretraining epochs, its paths made
     absolute so that it runs from ``folder``; ``precision`` replaces the shared ``auto``."""
-    from workflows.experiment import settings_with_absolute_paths
+    from workflows.experiment_config import settings_with_absolute_paths
 
     settings = settings_with_absolute_paths(DEMO)
     data = yaml.safe_load(Path(settings["data"]).read_text())
@@ -61,7 +61,7 @@ def scaled_config(fraction: float, folder: Path, precision: str | None = None) -
 
 def stage_times(out: Path) -> dict[str, float]:
     """The wall time of every finished stage of the experiment in ``out``, in the stages' order."""
-    from workflows.experiment import STAGES
+    from workflows.layout import STAGES
 
     markers = {stage: out / stage / "done.json" for stage in STAGES}
     return {

@@ -168,7 +168,7 @@ def experiment_config(folder: Path, dry_run: bool) -> Path:
     its file) and the trainer on the GPU, written into ``folder``. For ``dry_run`` the trainer is
     on the CPU, and one regime and one extra readout are kept (every stage still runs), which
     halves the smoke's many short runs."""
-    from workflows.experiment import settings_with_absolute_paths
+    from workflows.experiment_config import settings_with_absolute_paths
 
     settings = settings_with_absolute_paths(SMOKE)
     trainer = settings.setdefault("trainer_overrides", {})

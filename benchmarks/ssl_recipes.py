@@ -24,7 +24,7 @@ from pathlib import Path
 
 from harness import CONFIGS, argument_parser, print_figures, work_dir
 
-from workflows.experiment import cli_arguments, tensorboard_logger
+from workflows.lightning_cli import cli_arguments, tensorboard_logger
 from workflows.report_readouts import best_validation_row
 
 PROJECT = CONFIGS.parent

@@ -32,8 +32,7 @@ from harness import (
 
 from lightning_modules import BASELINES
 from lightning_modules.common.flops import StepFlops
-from workflows.experiment import cli_arguments
-from workflows.lightning_cli import PlanktonCLI
+from workflows.lightning_cli import PlanktonCLI, cli_arguments
 
 # Every registered method, each from its own config (configs/<name>.yaml); supervised first, as
 # the baseline of the ratios.

@@ -15,8 +15,15 @@ from conftest import REPOSITORY
 
 from cli import main
 from lightning_modules.common.abundance import ESTIMATORS
-from workflows.experiment import Experiment, ExperimentRunner, settings_with_absolute_paths
-from workflows.report import table_rows
+from workflows.experiment import ExperimentRunner
+from workflows.experiment_config import (
+    Experiment,
+    ExperimentSettings,
+    MethodSettings,
+    read_settings,
+    settings_with_absolute_paths,
+)
+from workflows.report_rows import table_rows
 
 SMOKE = REPOSITORY / "configs" / "experiments" / "smoke.yaml"
 EXPERIMENT_CONFIGS = sorted((REPOSITORY / "configs" / "experiments").glob("*.yaml"))
@@ -92,7 +99,7 @@ def test_smoke_experiment_killed_mid_stage_resumes_and_reports_every_method(tmp_
     assert compute["resumed"] and compute["epochs"] == 4
     assert compute["wall_s"] > interrupted_wall > 0  # the interrupted attempt counts too
 
-    rows = [row.label for row in table_rows(json.loads((out / "experiment.json").read_text()))]
+    rows = [row.label for row in table_rows(read_settings(out / "experiment.json")[0])]
     assert rows[2:] == [
         "diffusion timesteps concatenated (per layer)", "diffusion 2x2 pooling",
         "diffusion AdamW (same features)", "diffusion online probe's checkpoint",
@@ -208,7 +215,8 @@ def test_an_experiment_runs_any_subset_of_the_registered_baselines(tmp_path, cap
     assert list(experiment.baselines) == ["mae"]
     runner = ExperimentRunner(experiment, tmp_path / "run")
     assert list(runner.feature_sources("balanced")) == ["diffusion", "mae", "pixels"]
-    assert [row.label for row in table_rows({"baselines": {"mae": {}}})][2:] == ["MAE probe"]
+    only_mae = ExperimentSettings(baselines={"mae": MethodSettings()})
+    assert [row.label for row in table_rows(only_mae)][2:] == ["MAE probe"]
 
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text(subset.read_text().replace("  mae:", "  byol:"))
@@ -237,7 +245,7 @@ def test_one_budget_for_every_pretraining_run(tmp_path, capsys):
     import lightning as L
     from lightning.pytorch.callbacks import Timer
 
-    from workflows.experiment import Budget
+    from workflows.experiment_config import Budget
 
     for setting, check in [
         ({"epochs": 3}, lambda t: t.max_epochs == 3),

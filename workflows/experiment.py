@@ -18,26 +18,19 @@ alone writes what the others then read (see ``distributed.py``).
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import json
-import math
 import shutil
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from datetime import timedelta
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
-import yaml
-from lightning.pytorch.callbacks import Timer
 
 from datamodules import PlanktonDataModule
 from datamodules.store import write_text_atomic
-from lightning_modules import BASELINES, METHODS, load_diffusion
+from lightning_modules import METHODS, load_diffusion
 from lightning_modules.common.abundance import (
     Quantifier,
     abundance_errors,
@@ -45,236 +38,31 @@ from lightning_modules.common.abundance import (
 )
 from lightning_modules.common.figures import save_grid
 from lightning_modules.common.flops import StepFlops
-from lightning_modules.probes.online import BEST_PROBE_CHECKPOINT
 
 from .clustering import cluster_features
 from .distributed import GatheredPredictions, Processes, launch_processes
-from .lightning_cli import PlanktonCLI, datamodule_from_config
-
-STAGES = ("data", "diffusion", "baselines", "probes", "clustering", "report")
-# The keys an experiment config may hold, section by section.
-TOP_KEYS = (
-    "name", "data", "data_overrides", "regimes", "pretrain_regime", "trainer_overrides",
-    "diffusion", "baselines", "probes", "clustering", "samples", "budget",
-)  # fmt: skip
-BUDGET_KINDS = ("epochs", "images", "minutes")
-METHOD_KEYS = ("config", "max_epochs", "overrides")
-PROBE_KEYS = ("diffusion", "readouts", "encoder", "pixels")
-# A readout: another probe of the diffusion features, beside the best (layer, t) pair.
-READOUT_KEYS = ("label", "max_epochs", "overrides", "checkpoint")
-# The diffusion checkpoints a readout may probe: the last, or the one OnlineProbe chose.
-READOUT_CHECKPOINTS = ("last.ckpt", BEST_PROBE_CHECKPOINT)
-CLUSTERING_KEYS = ("split",)
-
-
-def check_keys(section: object, valid: Iterable[str], where: str) -> None:
-    """Refuse a key ``section`` may not hold, naming it and the closest valid one: a misspelt
-    key would otherwise be ignored and the run fall back to a default."""
-    if section is None:
-        return
-    if not isinstance(section, dict):
-        raise ValueError(f"{where} must be a mapping, got {section!r}")
-    valid = list(valid)
-    for key in section:
-        if key not in valid:
-            close = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
-            raise ValueError(f"{where}: unknown key {key!r}; {hint}")
-
-
-@dataclass
-class MethodRun:
-    """One method's config, its epochs and its overrides (``--key value`` pairs of the CLI)."""
-
-    config: Path
-    max_epochs: int
-    overrides: dict = field(default_factory=dict)
-    checkpoint: str = "last.ckpt"  # a readout's diffusion checkpoint (READOUT_CHECKPOINTS)
-
-
-@dataclass(frozen=True)
-class Budget:
-    """One training budget for every pretraining run (diffusion and the baselines), so their
-    rows compare equal effort: ``epochs`` (passes over the training set), ``images`` (training
-    images seen, whatever the batch size) or ``minutes`` of wall-clock time."""
-
-    kind: str
-    amount: float
-
-    @classmethod
-    def from_setting(cls, setting: object, where: str) -> Budget | None:
-        if setting is None:
-            return None
-        check_keys(setting, BUDGET_KINDS, where)
-        if len(setting) != 1:
-            raise ValueError(f"{where} needs exactly one of {', '.join(BUDGET_KINDS)}")
-        [(kind, amount)] = setting.items()
-        if not isinstance(amount, int | float) or amount <= 0:
-            raise ValueError(f"{where}.{kind} must be a positive number, got {amount!r}")
-        return cls(kind, amount)
-
-    def apply(self, trainer: L.Trainer, global_batch: int) -> None:
-        """Set ``trainer``'s stopping point (before ``fit``; learning-rate schedules read it).
-        A ``minutes`` budget keeps the method's ``max_epochs`` as the schedules' horizon: a run
-        stopped by time has not finished annealing."""
-        if self.kind == "epochs":
-            trainer.fit_loop.max_epochs = int(self.amount)
-        elif self.kind == "images":
-            trainer.fit_loop.max_epochs = -1
-            trainer.fit_loop.epoch_loop.max_steps = math.ceil(self.amount / global_batch)
-        else:  # Lightning's Timer keeps its elapsed time in checkpoints: resumes count
-            trainer.callbacks.append(Timer(timedelta(minutes=self.amount), interval="step"))
-
-
-@dataclass
-class Experiment:
-    """An experiment config (``configs/experiments/*.yaml``) with its paths resolved."""
-
-    name: str
-    data: Path
-    data_overrides: dict
-    regimes: list[str]
-    pretrain_regime: str
-    trainer_overrides: dict
-    diffusion: MethodRun
-    baselines: dict[str, MethodRun]
-    probe_diffusion: MethodRun
-    readouts: dict[str, MethodRun]
-    probe_encoder: MethodRun | None
-    probe_pixels: MethodRun | None
-    clustering_split: str
-    samples: int
-    source: dict
-    budget: Budget | None = None
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> Experiment:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"experiment config {path} does not exist")
-        settings = yaml.safe_load(path.read_text()) or {}
-        folder = path.parent
-        check_keys(settings, TOP_KEYS, str(path))
-        check_keys(settings.get("probes"), PROBE_KEYS, f"{path}: probes")
-        check_keys(settings.get("clustering"), CLUSTERING_KEYS, f"{path}: clustering")
-        for key, accepting in (
-            ("trainer_overrides", L.Trainer),
-            ("data_overrides", PlanktonDataModule),
-        ):
-            parameters = inspect.signature(accepting).parameters
-            check_keys(settings.get(key), parameters, f"{path}: {key}")
-
-        def method(section: dict, where: str) -> MethodRun:
-            if not isinstance(section, dict) or "config" not in section:
-                raise ValueError(f"{path}: {where} needs a `config` (a method config path)")
-            check_keys(section, METHOD_KEYS, f"{path}: {where}")
-            config = (folder / section["config"]).resolve()
-            if not config.is_file():
-                raise FileNotFoundError(f"{path}: {where}.config {config} does not exist")
-            return MethodRun(
-                config, int(section.get("max_epochs", 10)), section.get("overrides") or {}
-            )
-
-        missing = [k for k in ("data", "diffusion", "probes") if k not in settings]
-        if missing:
-            raise ValueError(
-                f"{path}: missing sections {missing}; see configs/experiments/demo.yaml"
-            )
-        baselines = settings.get("baselines") or {}
-        unknown = sorted(set(baselines) - set(BASELINES))
-        if unknown:
-            raise ValueError(
-                f"{path}: baselines {unknown} are not registered; choose among {list(BASELINES)}"
-            )
-        probes = settings["probes"] or {}
-        probe_diffusion = method(probes.get("diffusion"), "probes.diffusion")
-        readouts = {}
-        for name, readout in (probes.get("readouts") or {}).items():
-            where = f"{path}: probes.readouts.{name}"
-            if not str(name).isidentifier():
-                raise ValueError(f"{where}: a readout's name must be a word (letters, _, digits)")
-            check_keys(readout, READOUT_KEYS, where)
-            readout = readout or {}
-            checkpoint = readout.get("checkpoint", "last.ckpt")
-            if checkpoint not in READOUT_CHECKPOINTS:
-                raise ValueError(
-                    f"{where}.checkpoint must be one of {', '.join(READOUT_CHECKPOINTS)} (the "
-                    f"latter is written by lightning_modules.OnlineProbe), got {checkpoint!r}"
-                )
-            readouts[name] = MethodRun(
-                probe_diffusion.config,
-                int(readout.get("max_epochs", probe_diffusion.max_epochs)),
-                probe_diffusion.overrides | (readout.get("overrides") or {}),
-                checkpoint,
-            )
-        regimes = list(settings.get("regimes", ["balanced", "long_tailed"]))
-        if not regimes or set(regimes) - {"balanced", "long_tailed"}:
-            raise ValueError(f"{path}: regimes must be among balanced, long_tailed; got {regimes}")
-        return cls(
-            name=settings.get("name", path.stem),
-            data=(folder / settings["data"]).resolve(),
-            data_overrides=settings.get("data_overrides") or {},
-            regimes=regimes,
-            pretrain_regime=settings.get("pretrain_regime", "long_tailed"),
-            trainer_overrides=settings.get("trainer_overrides") or {},
-            diffusion=method(settings["diffusion"], "diffusion"),
-            # In the registry's order, which is the report's.
-            baselines={
-                name: method(baselines[name], f"baselines.{name}")
-                for name in BASELINES
-                if name in baselines
-            },
-            probe_diffusion=probe_diffusion,
-            readouts=readouts,
-            probe_encoder=method(probes.get("encoder"), "probes.encoder") if baselines else None,
-            probe_pixels=method(probes["pixels"], "probes.pixels") if "pixels" in probes else None,
-            clustering_split=(settings.get("clustering") or {}).get("split", "test"),
-            samples=int(settings.get("samples", 16)),
-            source=settings,
-            budget=Budget.from_setting(settings.get("budget"), f"{path}: budget"),
-        )
-
-    def launch_settings(self) -> dict:
-        """The shared trainer settings (the diffusion config's ``trainer``) with the
-        experiment's ``trainer_overrides``: what decides how many processes run it."""
-        trainer = yaml.safe_load(self.diffusion.config.read_text()).get("trainer") or {}
-        if isinstance(trainer, str):  # a config file, relative to the method's config
-            trainer = yaml.safe_load((self.diffusion.config.parent / trainer).read_text())
-        return {**trainer, **self.trainer_overrides}
-
-
-def cli_arguments(settings: dict) -> list[str]:
-    """``{"data.image_size": 16}`` as ``["--data.image_size", "16"]``; lists, mappings as JSON."""
-    arguments = []
-    for key, value in settings.items():
-        text = value if isinstance(value, str) else json.dumps(value)
-        arguments += [f"--{key}", text]
-    return arguments
-
-
-def tensorboard_logger(folder: Path) -> dict:
-    """The ``trainer.logger`` setting that logs a run straight into ``folder`` (no version
-    subfolder), so that its checkpoints and TensorBoard events lie side by side."""
-    return {
-        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": str(folder.parent), "name": folder.name, "version": ""},
-    }
-
-
-def settings_with_absolute_paths(path: Path) -> dict:
-    """An experiment config's settings with ``data`` and every method's ``config`` made absolute
-    (they are relative to the file), so that a changed copy can be written anywhere."""
-    path = Path(path)
-    settings = yaml.safe_load(path.read_text()) or {}
-    folder = path.parent
-    settings["data"] = str((folder / settings["data"]).resolve())
-    probes = settings.get("probes") or {}
-    sections = [settings.get("diffusion"), *(settings.get("baselines") or {}).values()]
-    sections += [probes.get(name) for name in PROBE_KEYS if name != "readouts"]
-    for section in sections:
-        if isinstance(section, dict) and "config" in section:
-            section["config"] = str((folder / section["config"]).resolve())
-    return settings
+from .experiment_config import Experiment, MethodRun
+from .layout import (
+    COMPUTE,
+    DONE,
+    RESULTS,
+    STAGES,
+    TEST_PREDICTIONS,
+    WALL_TIME,
+    RunLayout,
+    encoder_run,
+    per_regime,
+    probe_prefix,
+    readout_source,
+)
+from .lightning_cli import (
+    FEATURE_CHECKPOINT,
+    PlanktonCLI,
+    cli_arguments,
+    datamodule_from_config,
+    tensorboard_logger,
+)
+from .report import build_report
 
 
 def write_json(path: Path, content: object) -> None:
@@ -321,19 +109,14 @@ class ExperimentRunner:
 
     def __init__(self, experiment: Experiment, out: Path, log: Callable[[str], None] = print):
         self.experiment, self.out, self.log = experiment, Path(out), log
+        self.layout = RunLayout(self.out)
         self.processes = Processes()
 
     # -- bookkeeping ---------------------------------------------------------------------------
-    def stage_dir(self, stage: str) -> Path:
-        return self.out / stage
-
-    def checkpoint(self, run: str) -> Path:
-        return self.out / "runs" / run / "checkpoints" / "last.ckpt"
-
     def readout_checkpoint(self, name: str, readout: MethodRun) -> Path:
         """The diffusion checkpoint a readout probes; one that OnlineProbe never wrote is an
         error that says how to get it."""
-        checkpoint = self.checkpoint("diffusion").with_name(readout.checkpoint)
+        checkpoint = self.layout.checkpoint("diffusion", readout.checkpoint)
         if not checkpoint.is_file():
             raise FileNotFoundError(
                 f"probes.readouts.{name} probes {checkpoint}, which the diffusion run did not "
@@ -348,44 +131,31 @@ class ExperimentRunner:
         experiment = self.experiment
         return experiment.regimes if METHODS[name].per_regime else [experiment.pretrain_regime]
 
-    @staticmethod
-    def encoder_run(name: str, regime: str) -> str:
-        return f"{name}_{regime}" if METHODS[name].per_regime else name
-
     def feature_sources(self, regime: str) -> dict[str, tuple[MethodRun, Path | None]]:
         """Every method's probe config and the checkpoint its features come from (none for
         raw pixels)."""
-        experiment = self.experiment
-        sources = {"diffusion": (experiment.probe_diffusion, self.checkpoint("diffusion"))}
+        experiment, layout = self.experiment, self.layout
+        sources = {"diffusion": (experiment.probe_diffusion, layout.checkpoint("diffusion"))}
         for name in experiment.baselines:
-            run = self.encoder_run(name, regime)
-            sources[name] = (experiment.probe_encoder, self.checkpoint(run))
+            sources[name] = (experiment.probe_encoder, layout.checkpoint(encoder_run(name, regime)))
         if experiment.probe_pixels is not None:
             sources["pixels"] = (experiment.probe_pixels, None)
         return sources
 
     @staticmethod
-    def checkpoint_argument(checkpoint: Path | None) -> dict[str, str]:
+    def checkpoint_setting(checkpoint: Path | None) -> dict[str, str]:
         """The CLI setting that points a probe's feature source at its checkpoint."""
-        if checkpoint is None:
-            return {}
-        return {"model.init_args.features.init_args.checkpoint": str(checkpoint)}
+        return {} if checkpoint is None else {FEATURE_CHECKPOINT: str(checkpoint)}
 
-    def data_arguments(self, regime: str) -> list[str]:
+    def data_settings(self, regime: str) -> dict:
         """The experiment's data config and changes, for a CLI of any method."""
-        overrides = {f"data.{k}": v for k, v in self.experiment.data_overrides.items()}
-        return [
-            "--data",
-            str(self.experiment.data),
-            *cli_arguments(overrides),
-            "--data.regime",
-            regime,
-        ]
+        experiment = self.experiment
+        overrides = {f"data.{k}": v for k, v in experiment.data_overrides.items()}
+        return {"data": str(experiment.data), **overrides, "data.regime": regime}
 
-    def trainer_arguments(self) -> list[str]:
+    def trainer_settings(self) -> dict:
         """The experiment's changes to the shared trainer settings, for a CLI of any method."""
-        overrides = self.experiment.trainer_overrides
-        return cli_arguments({f"trainer.{k}": v for k, v in overrides.items()})
+        return {f"trainer.{k}": v for k, v in self.experiment.trainer_overrides.items()}
 
     def force(self, stage: str) -> None:
         """Forget ``stage`` and every later one, so they run again from scratch."""
@@ -394,7 +164,7 @@ class ExperimentRunner:
         if not self.processes.is_zero:
             return
         for later in STAGES[STAGES.index(stage) :]:
-            folder = self.stage_dir(later)
+            folder = self.layout.stage(later)
             if folder.exists():
                 shutil.rmtree(folder)
                 self.log(f"[{later}] forced: removed {folder}")
@@ -408,10 +178,10 @@ class ExperimentRunner:
             self.force(force)
         if processes.is_zero:
             self.out.mkdir(parents=True, exist_ok=True)
-            write_json(self.out / "experiment.json", self.experiment.source)
+            write_json(self.layout.experiment, self.experiment.source)
         for stage in STAGES:
             processes.barrier()  # every rank reads the markers rank zero has written
-            marker = self.stage_dir(stage) / "done.json"
+            marker = self.layout.stage_marker(stage)
             if marker.exists():
                 self.log(f"[{stage}] done earlier, skipped ({read_json(marker)['wall_s']:.0f} s)")
                 continue
@@ -424,23 +194,28 @@ class ExperimentRunner:
                                     "processes": processes.world_size})  # fmt: skip
             self.log(f"[{stage}] done in {wall:.1f} s")
         processes.barrier()
-        return self.out / "report.md"
+        return self.layout.report
 
     # -- running the CLI -----------------------------------------------------------------------
     def _cli(
         self, method: MethodRun, regime: str, folder: Path, extra: dict | None = None
     ) -> PlanktonCLI:
-        arguments = [
-            "--config", str(method.config),
-            *self.data_arguments(regime),
-            "--trainer.max_epochs", str(method.max_epochs),
-            "--trainer.default_root_dir", str(folder),
-            "--trainer.logger", json.dumps(tensorboard_logger(folder)),
-            *self.trainer_arguments(),
-            *cli_arguments(method.overrides),
-            *cli_arguments(extra or {}),
-        ]  # fmt: skip
-        return PlanktonCLI(arguments, run=False)
+        """The CLI of one run, its settings applied in order (later ones win). They reach it as
+        command-line arguments, not as a dict (``args=``): the experiment configs' overrides
+        use the CLI's list syntax (``trainer.callbacks+: lightning_modules.OnlineProbe``, then
+        ``trainer.callbacks.every_n_epochs``), which only arguments apply to the config's list
+        (``cli_arguments``)."""
+        settings = {
+            "config": str(method.config),
+            **self.data_settings(regime),
+            "trainer.max_epochs": method.max_epochs,
+            "trainer.default_root_dir": str(folder),
+            "trainer.logger": tensorboard_logger(folder),
+            **self.trainer_settings(),
+            **method.overrides,
+            **(extra or {}),
+        }
+        return PlanktonCLI(cli_arguments(settings), run=False)
 
     def fit(
         self,
@@ -453,9 +228,8 @@ class ExperimentRunner:
         """Train one run into ``runs/<name>`` (resuming from its ``last.ckpt``) unless done;
         returns the CLI (None when done earlier) and the final checkpoint. A pretraining run
         (diffusion, a baseline) trains to the experiment's ``budget`` when it sets one."""
-        folder = self.out / "runs" / name
-        checkpoint = self.checkpoint(name)
-        if (folder / "done.json").exists():
+        folder, checkpoint = self.layout.run(name), self.layout.checkpoint(name)
+        if (folder / DONE).exists():
             return None, checkpoint
         cli = self._cli(method, regime, folder, extra)
         trainer, datamodule = cli.trainer, cli.datamodule
@@ -465,7 +239,7 @@ class ExperimentRunner:
             budget.apply(trainer, global_batch)
         resume = checkpoint if checkpoint.exists() else None
         self.log(f"  {name}: " + (f"resuming from {resume}" if resume else "training"))
-        clock, flops = WallClock(folder / "wall_time.json"), StepFlops()
+        clock, flops = WallClock(folder / WALL_TIME), StepFlops()
         trainer.callbacks += [clock, flops]
         trainer.fit(cli.model, datamodule, ckpt_path=resume)
         if not self.processes.is_zero:
@@ -475,7 +249,7 @@ class ExperimentRunner:
         else:
             images_seen = trainer.current_epoch * len(datamodule.dataset("train"))
         write_json(
-            folder / "compute.json",
+            folder / COMPUTE,
             {
                 "method": name,
                 "config": str(method.config),
@@ -505,7 +279,7 @@ class ExperimentRunner:
 
     def finish(self, name: str) -> None:
         if self.processes.is_zero:
-            write_json(self.out / "runs" / name / "done.json", {"finished": time.time()})
+            write_json(self.layout.run(name) / DONE, {"finished": time.time()})
         self.processes.barrier()
 
     # -- stages --------------------------------------------------------------------------------
@@ -517,7 +291,7 @@ class ExperimentRunner:
                 self.experiment.data, **self.experiment.data_overrides, regime=regime
             )
             summary = datamodule.summary.as_dict()
-            write_json(self.stage_dir("data") / f"{regime}.json", summary)
+            write_json(self.layout.data_summary(regime), summary)
             counts = {split: sum(c.values()) for split, c in summary["counts"].items()}
             self.log(f"  {regime}: {len(summary['classes'])} classes, images per set {counts}")
 
@@ -538,7 +312,7 @@ class ExperimentRunner:
         datamodule = datamodule_from_config(self.experiment.data, **self.experiment.data_overrides)
         dataset = datamodule.dataset("val")
         real = torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])
-        figures = self.out / "figures"
+        figures = self.layout.figures
         figures.mkdir(parents=True, exist_ok=True)
         save_grid(samples, figures / "diffusion_samples.png")
         save_grid(real, figures / "real_images.png")
@@ -547,7 +321,7 @@ class ExperimentRunner:
         for name, method_run in self.experiment.baselines.items():
             method = METHODS[name]
             for regime in self.regimes(name):
-                run = self.encoder_run(name, regime)
+                run = encoder_run(name, regime)
                 cli, _ = self.fit(run, method_run, regime, pretraining=True)
                 if cli is None:
                     continue
@@ -559,10 +333,10 @@ class ExperimentRunner:
         for regime in self.experiment.regimes:
             sources = self.feature_sources(regime)
             for name, method in self.experiment.readouts.items():  # not clustered: a probe's
-                sources[f"diffusion_{name}"] = (method, self.readout_checkpoint(name, method))
+                sources[readout_source(name)] = (method, self.readout_checkpoint(name, method))
             for name, (method, checkpoint) in sources.items():
-                run = f"probe_{name}_{regime}"
-                cli, _ = self.fit(run, method, regime, self.checkpoint_argument(checkpoint))
+                run = per_regime(probe_prefix(name), regime)
+                cli, _ = self.fit(run, method, regime, self.checkpoint_setting(checkpoint))
                 if cli is not None:
                     self._evaluate(cli, run, regime, name)
                     self.finish(run)
@@ -578,12 +352,12 @@ class ExperimentRunner:
         if not self.processes.is_zero:
             return
         probabilities, labels = predictions["test"]
-        folder = self.out / "runs" / run
-        np.savez(folder / "test_predictions.npz", probabilities=probabilities, labels=labels)
+        folder = self.layout.run(run)
+        np.savez(folder / TEST_PREDICTIONS, probabilities=probabilities, labels=labels)
         calibration = model.calibrations["classify"]
         best_key = getattr(model, "best_key", None)
         write_json(
-            folder / "results.json",
+            folder / RESULTS,
             {
                 "method": method,
                 "regime": regime,
@@ -620,21 +394,19 @@ class ExperimentRunner:
         experiment = self.experiment
         regime = experiment.pretrain_regime
         for name, (method, checkpoint) in self.feature_sources(regime).items():
-            overrides = [
-                *self.data_arguments(regime),
-                *self.trainer_arguments(),
-                *cli_arguments(method.overrides),
-                *cli_arguments(self.checkpoint_argument(checkpoint)),
-            ]
+            settings = {
+                **self.data_settings(regime),
+                **self.trainer_settings(),
+                **method.overrides,
+                **self.checkpoint_setting(checkpoint),
+            }
             cluster_features(
                 method.config,
-                self.stage_dir("clustering") / name,
+                self.layout.clustering(name),
                 experiment.clustering_split,
-                overrides=overrides,
+                overrides=cli_arguments(settings),
             )
 
     def stage_report(self) -> None:
-        from .report import build_report
-
         if self.processes.is_zero:
             build_report(self.out)

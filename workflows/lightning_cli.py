@@ -5,6 +5,7 @@ start by hand."""
 from __future__ import annotations
 
 import glob
+import json
 import shutil
 from pathlib import Path
 
@@ -98,6 +99,27 @@ class PlanktonCLI(LightningCLI):
                     save_dir=config.trainer.default_root_dir or ".", name=model_name
                 ),
             )
+
+
+def cli_arguments(settings: dict) -> list[str]:
+    """``{"data.image_size": 16}`` as ``["--data.image_size", "16"]``; lists, mappings as JSON.
+    Settings written in the CLI's list syntax (``trainer.callbacks+``, then a setting of the
+    callback just added) mean what they say only as command-line arguments: jsonargparse
+    applies them to a dict's (``args=``) defaults, not to its config file's list."""
+    arguments = []
+    for key, value in settings.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        arguments += [f"--{key}", text]
+    return arguments
+
+
+def tensorboard_logger(folder: Path) -> dict:
+    """The ``trainer.logger`` setting that logs a run straight into ``folder`` (no version
+    subfolder), so that its checkpoints and TensorBoard events lie side by side."""
+    return {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": str(folder.parent), "name": folder.name, "version": ""},
+    }
 
 
 def resolve_feature_checkpoint(pattern: str, root: str | None) -> str:

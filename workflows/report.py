@@ -6,25 +6,35 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from dataclasses import fields
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, f1_score
 
 from datamodules.store import write_csv_atomic, write_text_atomic
-from lightning_modules import BASELINES, METHODS, DiffusionModule
-from lightning_modules.common.abundance import ESTIMATORS, PLANTED_DRAWS, half_l1
-from lightning_modules.common.figures import abundance_figure, confusion_figure, save_figure
+from lightning_modules import METHODS, DiffusionModule
+from lightning_modules.common.abundance import ESTIMATORS
+from lightning_modules.common.figures import confusion_figure, save_figure
 from lightning_modules.common.module import load_checkpoint
 
-from .experiment import STAGES
-from .report_readouts import online_probe_section, readout_label, readouts_section
+from .experiment_config import ExperimentSettings, MethodSettings, ProbeSettings, read_settings
+from .layout import (
+    COMPUTE,
+    PROBE_RESULTS,
+    RESULTS,
+    STAGES,
+    TEST_PREDICTIONS,
+    RunLayout,
+    per_regime,
+    probe_prefix,
+)
+from .report_counts import counts_section
+from .report_readouts import online_probe_section, readouts_section
+from .report_rows import best_run, class_mix_shift, read_json, row_head, row_results, table_rows
 
 PER_CLASS_SHOWN = 5
-# The floor every learned feature must clear: the probe of `probes: {pixels: ...}`.
-PIXELS_ROW = "raw pixels (logistic regression)"
 # The columns of results.csv: a record's score, then its head's calibration and its counts
 # (empty in runs written before classifiers were calibrated).
 COLUMNS = (
@@ -32,61 +42,6 @@ COLUMNS = (
     "val_ece_before", "val_ece_after", *(f"count_error_{m}" for m in ESTIMATORS),
     "class_mix_shift",
 )  # fmt: skip
-
-
-class Row(NamedTuple):
-    """A row of the main table: its label, the run folders' prefix, the metric prefix in
-    ``results.json``."""
-
-    label: str
-    run: str
-    metric_prefix: str
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _regimes(experiment: dict) -> list[str]:
-    return experiment.get("regimes", ["balanced", "long_tailed"])
-
-
-def experiment_baselines(experiment: dict) -> list[str]:
-    """The registered baselines an experiment ran, in the registry's order."""
-    return [name for name in BASELINES if name in (experiment.get("baselines") or {})]
-
-
-def table_rows(experiment: dict) -> list[Row]:
-    """The diffusion rows (the best pair, the fusion, every readout), then per baseline its
-    end-to-end row (a method that learns from labels is a classifier itself) and its probe."""
-    rows = [
-        Row("diffusion best (layer, t)", "probe_diffusion", "best_"),
-        Row("diffusion fusion (top-k keys)", "probe_diffusion", "fusion_"),
-    ]
-    for name, readout in ((experiment.get("probes") or {}).get("readouts") or {}).items():
-        rows.append(
-            Row(f"diffusion {readout_label(name, readout)}", f"probe_diffusion_{name}", "best_")
-        )
-    for name in experiment_baselines(experiment):
-        method = METHODS[name]
-        if method.per_regime:
-            rows.append(Row(f"{method.display_name} end to end", name, ""))
-        rows.append(Row(f"{method.display_name} probe", f"probe_{name}", "best_"))
-    if "pixels" in (experiment.get("probes") or {}):
-        rows.append(Row(PIXELS_ROW, "probe_pixels", "best_"))
-    return rows
-
-
-def _head(row: Row) -> str:
-    """The head of a run whose scores ``row`` shows, as ``results.json`` names its calibration:
-    a probe's ``fusion``, or ``classify`` (a probe's best key, an end-to-end network)."""
-    return "fusion" if row.metric_prefix == "fusion_" else "classify"
-
-
-def _class_mix_shift(results: dict, abundance: dict) -> float:
-    """How far a labelled set's true class mix is from the run's training split (half L1)."""
-    counts = np.asarray(results["train_counts"], dtype=np.float64)
-    return half_l1(abundance["true"], counts / counts.sum())
 
 
 def _rounded(value: float | None) -> float | None:
@@ -100,7 +55,7 @@ def _calibration_fields(results: dict, head: str, eval_set: str) -> dict:
     calibration = (results.get("calibration") or {}).get(head, {})
     abundance = (results.get("abundance") or {}).get(eval_set)
     errors = abundance["error"] if abundance and head == "classify" else {}
-    shift = _class_mix_shift(results, abundance) if abundance else None
+    shift = class_mix_shift(results, abundance) if abundance else None
     return {
         "val_ece_before": _rounded(calibration.get("ece_before")),
         "val_ece_after": _rounded(calibration.get("ece_after")),
@@ -109,19 +64,18 @@ def _calibration_fields(results: dict, head: str, eval_set: str) -> dict:
     }
 
 
-def collect_results(run_dir: Path) -> list[dict]:
+def collect_results(layout: RunLayout, settings: ExperimentSettings) -> list[dict]:
     """One record per (regime, method, eval set, metric), with the drop from the test split, the
     validation ECE of the method's head and the errors of its counts on the eval set."""
-    experiment = _read_json(run_dir / "experiment.json")
     records = []
-    for regime in _regimes(experiment):
-        for row in table_rows(experiment):
-            results = _read_json(run_dir / "runs" / f"{row.run}_{regime}" / "results.json")
+    for regime in settings.regimes:
+        for row in table_rows(settings):
+            results = read_json(row_results(layout, row, regime))
             if not results:
                 continue
             metrics, metric_prefix = results["metrics"], row.metric_prefix
             for eval_set in results["eval_sets"]:
-                calibration = _calibration_fields(results, _head(row), eval_set)
+                calibration = _calibration_fields(results, row_head(row), eval_set)
                 for metric in ("acc", "macro_f1"):
                     value = metrics.get(f"{eval_set}/{metric_prefix}{metric}")
                     test = metrics.get(f"test/{metric_prefix}{metric}")
@@ -142,14 +96,13 @@ def collect_results(run_dir: Path) -> list[dict]:
     return records
 
 
-def missing_runs(run_dir: Path) -> list[str]:
+def missing_runs(layout: RunLayout, settings: ExperimentSettings) -> list[str]:
     """The evaluated runs the main table expects and the folder lacks (a stage not run yet)."""
-    experiment = _read_json(run_dir / "experiment.json")
     return [
-        f"{prefix}_{regime}"
-        for regime in _regimes(experiment)
-        for prefix in dict.fromkeys(row.run for row in table_rows(experiment))
-        if not (run_dir / "runs" / f"{prefix}_{regime}" / "results.json").exists()
+        per_regime(prefix, regime)
+        for regime in settings.regimes
+        for prefix in dict.fromkeys(row.run for row in table_rows(settings))
+        if not (layout.run(per_regime(prefix, regime)) / RESULTS).exists()
     ]
 
 
@@ -189,17 +142,16 @@ def _main_tables(records: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def _diffusion_checkpoint(run_dir: Path) -> tuple[Path, dict | None]:
+def _diffusion_checkpoint(layout: RunLayout) -> tuple[Path, dict | None]:
     """The diffusion run's checkpoint folder and its ``last.ckpt`` loaded (None before it is
     trained), read once for the U-Net's blocks and the online probe's history."""
-    folder = run_dir / "runs" / "diffusion" / "checkpoints"
-    last = folder / "last.ckpt"
-    return folder, load_checkpoint(last) if last.exists() else None
+    last = layout.checkpoint("diffusion")
+    return last.parent, load_checkpoint(last) if last.exists() else None
 
 
-def _resolution_table(run_dir: Path, regime: str, info: dict) -> list[str]:
+def _resolution_table(layout: RunLayout, regime: str, info: dict) -> list[str]:
     """Best validation macro-F1 per U-Net resolution, so it is plain which feature size wins."""
-    table = run_dir / "runs" / f"probe_diffusion_{regime}" / "probe_results.csv"
+    table = layout.run(per_regime(probe_prefix("diffusion"), regime)) / PROBE_RESULTS
     if not table.exists() or not info:
         return []
     best: dict[int, tuple[float, str]] = {}
@@ -217,11 +169,11 @@ def _resolution_table(run_dir: Path, regime: str, info: dict) -> list[str]:
     return lines + ["", f"The {winner}x{winner} feature maps give the best probe ({regime}).", ""]
 
 
-def _clustering_table(run_dir: Path, experiment: dict) -> list[str]:
+def _clustering_table(layout: RunLayout, settings: ExperimentSettings) -> list[str]:
     lines = ["| features | key | NMI | ARI | purity |", "|---|---|---|---|---|"]
     found = False
-    for source in ("diffusion", *experiment_baselines(experiment), "pixels"):
-        path = run_dir / "clustering" / source / "clustering.csv"
+    for source in ("diffusion", *settings.baseline_names, "pixels"):
+        path = layout.clustering(source) / "clustering.csv"
         if not path.exists():
             continue
         found = True
@@ -237,33 +189,15 @@ def _clustering_table(run_dir: Path, experiment: dict) -> list[str]:
     return lines + ["", "Diffusion: the key with the best NMI of the whole grid.", ""]
 
 
-def _best_run(
-    run_dir: Path, experiment: dict, records: list[dict], regime: str
-) -> tuple[str, Path] | None:
-    """The method with the best test macro-F1 in ``regime`` that has test predictions."""
-    candidates = [
-        r
-        for r in records
-        if r["regime"] == regime and r["eval_set"] == "test" and r["metric"] == "macro_f1"
-        and "fusion" not in r["method"]
-    ]  # fmt: skip
-    for record in sorted(candidates, key=lambda r: -r["value"]):
-        prefix = next(row.run for row in table_rows(experiment) if row.label == record["method"])
-        folder = run_dir / "runs" / f"{prefix}_{regime}"
-        if (folder / "test_predictions.npz").exists():
-            return record["method"], folder
-    return None
-
-
 def _per_class_and_confusion(
-    run_dir: Path, experiment: dict, records: list[dict], regime: str
+    layout: RunLayout, settings: ExperimentSettings, records: list[dict], regime: str
 ) -> list[str]:
-    best = _best_run(run_dir, experiment, records, regime)
+    best = best_run(layout, settings, records, regime)
     if best is None:
         return []
     method, folder = best
-    results = _read_json(folder / "results.json")
-    saved = np.load(folder / "test_predictions.npz")
+    results = read_json(folder / RESULTS)
+    saved = np.load(folder / TEST_PREDICTIONS)
     labels, predicted = saved["labels"], saved["probabilities"].argmax(1)
     names, counts = results["class_names"], results["train_counts"]
     classes = list(range(len(names)))
@@ -282,211 +216,34 @@ def _per_class_and_confusion(
     lines += [f"| {names[c]} | {counts[c]} | {f1[c]:.3f} |" for c in shown]
     matrix = confusion_matrix(labels, predicted, labels=classes)
     figure = confusion_figure(torch.as_tensor(matrix), names, f"{method}, test ({regime})")
-    save_figure(figure, run_dir / "figures" / "confusion_best.png")
+    save_figure(figure, layout.figures / "confusion_best.png")
     return lines + ["", "![confusion matrix](figures/confusion_best.png)", ""]
 
 
-class Classifier(NamedTuple):
-    """An evaluated classifier run: its regime, the label of each of its heads, its
-    ``results.json``."""
-
-    regime: str
-    labels: dict[str, str]
-    results: dict
-
-
-def _classifiers(run_dir: Path, experiment: dict) -> list[Classifier]:
-    """Every evaluated classifier run (an end-to-end method or a probe), its heads labelled as
-    the main table's rows; a fusion head without a row of its own is its probe's + (fusion)."""
-    rows = table_rows(experiment)
-    classifiers = []
-    for regime in _regimes(experiment):
-        for run in dict.fromkeys(row.run for row in rows):
-            results = _read_json(run_dir / "runs" / f"{run}_{regime}" / "results.json")
-            if not results:
-                continue
-            labels: dict[str, str] = {}
-            for row in rows:
-                if row.run == run:
-                    labels.setdefault(_head(row), row.label)
-            labels.setdefault("fusion", f"{labels['classify']} (fusion)")
-            classifiers.append(Classifier(regime, labels, results))
-    return classifiers
+def _method_sections(settings: ExperimentSettings) -> dict[str, MethodSettings]:
+    """The method sections of the settings, as written: diffusion, the baselines, the probes.
+    The readouts have a blank row: their settings are in the readouts' table."""
+    methods = {"diffusion": settings.diffusion or MethodSettings(), **settings.baselines}
+    probes = settings.probes or ProbeSettings()
+    for name in (f.name for f in fields(ProbeSettings)):
+        section = getattr(probes, name)
+        if name == "readouts" and section:
+            methods["probe (readouts)"] = MethodSettings()
+        elif name != "readouts" and section is not None:
+            methods[f"probe ({name})"] = section
+    return methods
 
 
-def _calibration_table(classifiers: list[Classifier]) -> list[str]:
-    """Every calibrated head's temperature, validation ECE and NLL, and rejection threshold."""
-    lines = [
-        "| method | regime | temperature | val ECE before -> after | val NLL before -> after | "
-        "rejection threshold | val precision | val coverage |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    targets = set()
-    for classifier in classifiers:
-        for head, c in (classifier.results.get("calibration") or {}).items():
-            rejection = c["rejection"]
-            target = rejection["target_precision"]
-            targets.add(target)
-            precision = f"{rejection['precision']:.3f}"
-            if rejection["precision"] < target:
-                precision += f" (below target {target:.3f})"
-            lines.append(
-                f"| {classifier.labels[head]} | {classifier.regime} | {c['temperature']:.3f} | "
-                f"{c['ece_before']:.3f} -> {c['ece_after']:.3f} | "
-                f"{c['nll_before']:.3f} -> {c['nll_after']:.3f} | {rejection['threshold']:.3f} | "
-                f"{precision} | {rejection['coverage']:.3f} |"
-            )
-    if not targets:
-        return []
-    shown = ", ".join(f"{t:.3f}" for t in sorted(targets))
-    return ["### Calibration and unknowns", "", *lines] + [
-        "",
-        "Each head's logits are divided by one temperature fitted on the validation split "
-        "(Guo et al. 2017); ECE and NLL are measured there before and after. An image whose "
-        "largest calibrated probability is below the rejection threshold is reported as "
-        f"unknown: the lowest threshold at which the accepted validation images reach the "
-        f"target precision ({shown}; 0 accepts every image), coverage the share of validation "
-        "images it accepts. Labels are used here only on the validation split, to calibrate, to "
-        "choose the threshold and to measure the misclassification rates that adjust the "
-        "counts below; label-free pretraining stays label-free.",
-        "",
-    ]
-
-
-def _abundance_tables(classifiers: list[Classifier]) -> list[str]:
-    """Per eval set, every classifier's error of each estimator's class fractions, and how far
-    the set's true class mix is from each regime's training split."""
-    counted = [c for c in classifiers if c.results.get("abundance")]
-    if not counted:
-        return []
-    lines = [
-        "### Counts under a change of class mix",
-        "",
-        "Half the L1 distance between a set's true class fractions and those estimated from a "
-        "classifier's calibrated predictions (0: exact; the share of images that would have to "
-        "change class), lowest per row in bold. cc counts predicted classes; acc and pacc "
-        "correct the (probabilistic) counts by the validation misclassification rates; emq "
-        "re-estimates the class priors by EM (Saerens et al. 2002). `test`, held out from the "
-        "training images, comes first as the in-distribution reference; the balanced regime caps "
-        "the training images per class, so even test's class mix differs from its training's.",
-        "",
-    ]
-    eval_sets = dict.fromkeys(name for c in counted for name in c.results["abundance"])
-    for eval_set in sorted(eval_sets, key=lambda name: name != "test"):
-        reference = " (in-distribution reference)" if eval_set == "test" else ""
-        lines += [
-            f"#### `{eval_set}`{reference}",
-            "",
-            "| method | regime | " + " | ".join(ESTIMATORS) + " |",
-            "|---|---|" + "---|" * len(ESTIMATORS),
-        ]
-        shifts = {}
-        planted_shown = False
-        for classifier in counted:
-            abundance = classifier.results["abundance"].get(eval_set)
-            if abundance is None:
-                continue
-            # The set's and its regime's training split's, so the same for every classifier.
-            shift = _class_mix_shift(classifier.results, abundance)
-            shifts.setdefault(
-                classifier.regime,
-                f"{classifier.regime} {shift:.3f} ({abundance['images']:,} images)",
-            )
-            errors = [round(abundance["error"][m], 3) for m in ESTIMATORS]
-            lowest = min(errors)  # compared as shown, so cells that read the same are all bold
-            cells = [f"**{e:.3f}**" if e == lowest else f"{e:.3f}" for e in errors]
-            planted = abundance.get("planted_error")
-            if planted:  # runs evaluated before the planted check have none
-                planted_shown = True
-                # Runs evaluated before the exact-rate check have none.
-                exact = planted.get("exact_rates", {})
-                cells = [
-                    f"{cell} ({planted[method]:.3f}"
-                    + (f", exact {exact[method]:.3f})" if method in exact else ")")
-                    for cell, method in zip(cells, ESTIMATORS, strict=True)
-                ]
-            lines.append(
-                f"| {classifier.labels['classify']} | {classifier.regime} | {' | '.join(cells)} |"
-            )
-        lines += [
-            "",
-            f"True shift of the class mix of `{eval_set}` from the training split (half L1 "
-            f"between its true and the training fractions): {'; '.join(shifts.values())}.",
-            "",
-        ]
-        if planted_shown:  # the test split itself is never planted
-            lines += [_PLANTED_NOTE.format(eval_set=eval_set), ""]
-    return lines
-
-
-_PLANTED_NOTE = (
-    f"In brackets: the mean error over {PLANTED_DRAWS} samples of the test images drawn per "
-    "class to `{eval_set}`'s class counts, the same class mix with no change of appearance; "
-    "for acc and pacc then (exact) the error with those test images' own misclassification "
-    "rates, exact for these samples. A correction that beats cc in brackets but not on "
-    "`{eval_set}` is defeated by the set's change of appearance. One that loses in brackets "
-    "but wins with exact rates is limited by the validation split (more validation images per "
-    "class narrow its rates). One that loses even with exact rates cannot beat counting on a "
-    "sample of this size: undoing the confusion between classes the classifier mixes up "
-    "amplifies the sample's own noise more than it removes bias (larger samples, or a "
-    "classifier that separates those classes, help)."
-)
-
-
-def _best_counts(run_dir: Path, experiment: dict, records: list[dict], regime: str) -> list[str]:
-    """The best method's estimated fraction of every class on each out-of-distribution set,
-    as a table and a figure of true against estimated fractions."""
-    best = _best_run(run_dir, experiment, records, regime)
-    if best is None:
-        return []
-    method, folder = best
-    results = _read_json(folder / "results.json")
-    shifted = {k: v for k, v in (results.get("abundance") or {}).items() if k != "test"}
-    if not shifted:
-        return []
-    names = results["class_names"]
-    lines = [
-        f"### Per-class counts of the best method ({regime}): {method}",
-        "",
-        "Estimated class fractions against the true ones, most abundant classes first.",
-        "",
-    ]
-    for eval_set, abundance in shifted.items():
-        true, estimates = abundance["true"], abundance["estimates"]
-        lines += [
-            f"#### `{eval_set}`",
-            "",
-            "| class | true fraction | " + " | ".join(ESTIMATORS) + " |",
-            "|---|---|" + "---|" * len(ESTIMATORS),
-        ]
-        for c in sorted(range(len(names)), key=lambda c: -true[c]):
-            cells = " | ".join(f"{estimates[m][c]:.3f}" for m in ESTIMATORS)
-            lines.append(f"| {names[c]} | {true[c]:.3f} | {cells} |")
-        figure = abundance_figure(
-            true, {m: estimates[m] for m in ESTIMATORS}, f"{method}, {eval_set} ({regime})"
-        )
-        save_figure(figure, run_dir / "figures" / f"abundance_{eval_set}.png")
-        lines += [
-            "",
-            f"![true vs estimated fractions, {eval_set}](figures/abundance_{eval_set}.png)",
-            "",
-        ]
-    return lines
-
-
-def _settings(experiment: dict) -> list[str]:
+def _settings(settings: ExperimentSettings) -> list[str]:
     """Each method's config and the experiment's changes to it."""
-    methods = {"diffusion": experiment.get("diffusion", {})}
-    methods |= {name: s for name, s in (experiment.get("baselines") or {}).items()}
-    methods |= {f"probe ({name})": s for name, s in (experiment.get("probes") or {}).items()}
     lines = ["| method | config | epochs | changed settings |", "|---|---|---|---|"]
-    for name, section in methods.items():
-        changes = ", ".join(f"`{k}={v}`" for k, v in (section.get("overrides") or {}).items())
+    for name, section in _method_sections(settings).items():
+        changes = ", ".join(f"`{k}={v}`" for k, v in section.overrides.items())
+        epochs = "" if section.max_epochs is None else section.max_epochs
         lines.append(
-            f"| {name} | `{Path(section.get('config', '')).name}` | "
-            f"{section.get('max_epochs', '')} | {changes or 'none'} |"
+            f"| {name} | `{Path(section.config or '').name}` | {epochs} | {changes or 'none'} |"
         )
-    shared = ", ".join(f"`{k}={v}`" for k, v in (experiment.get("trainer_overrides") or {}).items())
+    shared = ", ".join(f"`{k}={v}`" for k, v in settings.trainer_overrides.items())
     return lines + [
         "",
         "Every run reads the shared `configs/trainer/default.yaml`"
@@ -496,11 +253,11 @@ def _settings(experiment: dict) -> list[str]:
     ]
 
 
-def collapse_warnings(run_dir: Path) -> list[str]:
+def collapse_warnings(layout: RunLayout) -> list[str]:
     """One line per run whose encoder looked collapsed after its last epoch."""
     lines = []
-    for path in sorted((run_dir / "runs").glob("*/compute.json")):
-        run = _read_json(path)
+    for path in sorted(layout.runs.glob(f"*/{COMPUTE}")):
+        run = read_json(path)
         collapsed = (run.get("collapse") or {}).get("collapsed")
         if collapsed:
             lines.append(
@@ -511,7 +268,7 @@ def collapse_warnings(run_dir: Path) -> list[str]:
     return lines
 
 
-def _compute_table(run_dir: Path) -> list[str]:
+def _compute_table(layout: RunLayout) -> list[str]:
     lines = [
         "| run | regime | epochs | images seen | global batch | training GFLOP per image | "
         "training TFLOP | wall time (s) | trainable parameters | all parameters | precision | "
@@ -519,8 +276,8 @@ def _compute_table(run_dir: Path) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     budgets = set()
-    for path in sorted((run_dir / "runs").glob("*/compute.json")):
-        c = _read_json(path)
+    for path in sorted(layout.runs.glob(f"*/{COMPUTE}")):
+        c = read_json(path)
         resumed = " (resumed)" if c["resumed"] else ""
         per_image = c.get("train_flops_per_image")  # absent in runs of earlier versions
         flops = f"{per_image / 1e9:.3g} | {c['train_flops'] / 1e12:.3g}" if per_image else " | "
@@ -548,100 +305,119 @@ def _compute_table(run_dir: Path) -> list[str]:
 
 def build_report(run_dir: str | Path) -> Path:
     """Write ``report.md``, ``results.csv``, ``results.json`` and figures into ``run_dir``."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "experiment.json").exists():
+    layout = RunLayout(Path(run_dir))
+    if not layout.experiment.exists():
         raise FileNotFoundError(
-            f"{run_dir} is not an experiment run folder (no experiment.json): "
+            f"{layout.root} is not an experiment run folder (no experiment.json): "
             "run plankton experiment --config ... --out DIR first"
         )
-    experiment = _read_json(run_dir / "experiment.json")
-    figures = run_dir / "figures"
-    figures.mkdir(exist_ok=True)
-    records = collect_results(run_dir)
-    write_text_atomic(run_dir / "results.json", json.dumps(records, indent=2))
-    write_csv_atomic(run_dir / "results.csv", COLUMNS, ([r[c] for c in COLUMNS] for r in records))
+    settings, _ = read_settings(layout.experiment)
+    layout.figures.mkdir(exist_ok=True)
+    records = collect_results(layout, settings)
+    write_text_atomic(layout.root / "results.json", json.dumps(records, indent=2))
+    rows = ([r[c] for c in COLUMNS] for r in records)
+    write_csv_atomic(layout.root / "results.csv", COLUMNS, rows)
+    lines = [
+        *_summary(layout, settings, records),
+        *_diffusion_features(layout, settings),
+        *_section("k-means clustering", _clustering_table(layout, settings)),
+        *_section(
+            "Per-class F1 and confusion matrix",
+            _per_class_and_confusion(layout, settings, records, settings.pretrain_regime),
+        ),
+        *counts_section(layout, settings, records),
+        *_samples(layout),
+        "## Settings and compute",
+        "",
+        *_settings(settings),
+        *_compute_table(layout),
+        *_stage_times(layout),
+        "TensorBoard logs of every run are under `runs/`: "
+        f"`tensorboard --logdir {layout.root}` (or `make tensorboard`).",
+        "",
+    ]
+    write_text_atomic(layout.report, "\n".join(lines))
+    return layout.report
 
-    regimes = _regimes(experiment)
-    pretrain = experiment.get("pretrain_regime", "long_tailed")
-    lines = [f"# Experiment `{experiment.get('name', run_dir.name)}`", ""]
-    for regime in regimes:
-        summary = _read_json(run_dir / "data" / f"{regime}.json")
+
+def _section(title: str, lines: list[str]) -> list[str]:
+    return ["## " + title, "", *lines] if lines else []
+
+
+def _summary(layout: RunLayout, settings: ExperimentSettings, records: list[dict]) -> list[str]:
+    """The title, the data of each regime, who pretrains on what, and the main tables with the
+    warnings of collapsed encoders and runs not evaluated yet."""
+    lines = [f"# Experiment `{settings.name or layout.root.name}`", ""]
+    for regime in settings.regimes:
+        summary = read_json(layout.data_summary(regime))
         if summary:
             counts = ", ".join(f"{s} {sum(c.values())}" for s, c in summary["counts"].items())
             lines.append(f"- **{regime}**: {len(summary['classes'])} classes; images: {counts}")
-    methods = ["diffusion", *experiment_baselines(experiment)]
-    label_free = [METHODS[m].display_name for m in methods if not METHODS[m].per_regime]
-    per_regime = [METHODS[m].display_name for m in methods if METHODS[m].per_regime]
+    methods = [METHODS[m] for m in ("diffusion", *settings.baseline_names)]
+    label_free = [m.display_name for m in methods if not m.per_regime]
+    trained_per_regime = [m.display_name for m in methods if m.per_regime]
     lines += [
-        f"- Label-free pretraining ({', '.join(label_free)}) on the {pretrain} training split; "
-        + "".join(f"{name}, " for name in per_regime)
+        f"- Label-free pretraining ({', '.join(label_free)}) on the {settings.pretrain_regime} "
+        "training split; "
+        + "".join(f"{name}, " for name in trained_per_regime)
         + "every linear probe trained per regime.",
         "",
         "## Main results",
         "",
         *_main_tables(records),
     ]
-    warnings = collapse_warnings(run_dir)
+    warnings = collapse_warnings(layout)
     if warnings:
         lines += [*warnings, ""]
-    missing = missing_runs(run_dir)
+    missing = missing_runs(layout, settings)
     if missing:
         lines += [f"Not in the tables (not evaluated yet): {', '.join(missing)}.", ""]
-    lines += [
-        "## Diffusion features: layers x timesteps",
-        "",
-    ]
-    checkpoints, last = _diffusion_checkpoint(run_dir)
+    return lines
+
+
+def _diffusion_features(layout: RunLayout, settings: ExperimentSettings) -> list[str]:
+    """Per regime the probe's heatmaps, its best score per feature resolution and the readouts;
+    then the online probe's curve."""
+    lines = ["## Diffusion features: layers x timesteps", ""]
+    checkpoints, last = _diffusion_checkpoint(layout)
     # The resolution of every U-Net block, for the table of the best probe per resolution.
     blocks = DiffusionModule.from_checkpoint(last).ema.info if last is not None else {}
-    for regime in regimes:
-        folder = run_dir / "runs" / f"probe_diffusion_{regime}"
+    for regime in settings.regimes:
+        folder = layout.run(per_regime(probe_prefix("diffusion"), regime))
         for metric in ("acc", "macro_f1"):
             heatmap = folder / f"probe_heatmap_val_{metric}.png"
             if heatmap.exists():
-                shutil.copy(heatmap, figures / f"heatmap_{regime}_{metric}.png")
+                shutil.copy(heatmap, layout.figures / f"heatmap_{regime}_{metric}.png")
                 lines.append(f"![{regime} {metric}](figures/heatmap_{regime}_{metric}.png)")
-        lines += ["", *_resolution_table(run_dir, regime, blocks)]
-        lines += readouts_section(run_dir, experiment, regime)
-    lines += online_probe_section(checkpoints, last)
-    clustering = _clustering_table(run_dir, experiment)
-    if clustering:
-        lines += ["## k-means clustering", "", *clustering]
-    per_class = _per_class_and_confusion(run_dir, experiment, records, pretrain)
-    if per_class:
-        lines += ["## Per-class F1 and confusion matrix", "", *per_class]
-    classifiers = _classifiers(run_dir, experiment)
-    counts = [
-        *_calibration_table(classifiers),
-        *_abundance_tables(classifiers),
-        *_best_counts(run_dir, experiment, records, pretrain),
-    ]
-    if counts:
-        lines += ["## Calibration, unknowns and counts under a change of class mix", "", *counts]
-    if (figures / "diffusion_samples.png").exists():
-        lines += [
-            "## Diffusion samples next to real images",
-            "",
-            "| samples (EMA weights, DDIM 50 steps) | real validation images |",
-            "|---|---|",
-            "| ![samples](figures/diffusion_samples.png) | ![real](figures/real_images.png) |",
-            "",
-        ]
-    lines += ["## Settings and compute", "", *_settings(experiment), *_compute_table(run_dir)]
-    stages = [
-        (stage, _read_json(run_dir / stage / "done.json")["wall_s"])
-        for stage in STAGES
-        if (run_dir / stage / "done.json").exists()
-    ]
-    if stages:
-        lines += ["| stage | wall time (s) |", "|---|---|"]
-        lines += [f"| {name} | {wall:.0f} |" for name, wall in stages]
-        lines.append("")
-    lines += [
-        "TensorBoard logs of every run are under `runs/`: "
-        f"`tensorboard --logdir {run_dir}` (or `make tensorboard`).",
+        lines += ["", *_resolution_table(layout, regime, blocks)]
+        lines += readouts_section(layout, settings, regime)
+    return lines + online_probe_section(checkpoints, last)
+
+
+def _samples(layout: RunLayout) -> list[str]:
+    if not (layout.figures / "diffusion_samples.png").exists():
+        return []
+    return [
+        "## Diffusion samples next to real images",
+        "",
+        "| samples (EMA weights, DDIM 50 steps) | real validation images |",
+        "|---|---|",
+        "| ![samples](figures/diffusion_samples.png) | ![real](figures/real_images.png) |",
         "",
     ]
-    report = run_dir / "report.md"
-    write_text_atomic(report, "\n".join(lines))
-    return report
+
+
+def _stage_times(layout: RunLayout) -> list[str]:
+    stages = [
+        (stage, read_json(layout.stage_marker(stage))["wall_s"])
+        for stage in STAGES
+        if layout.stage_marker(stage).exists()
+    ]
+    if not stages:
+        return []
+    return [
+        "| stage | wall time (s) |",
+        "|---|---|",
+        *(f"| {name} | {wall:.0f} |" for name, wall in stages),
+        "",
+    ]

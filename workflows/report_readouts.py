@@ -14,6 +14,9 @@ import yaml
 
 from lightning_modules.probes.online import BEST_PROBE_CHECKPOINT
 
+from .experiment_config import ExperimentSettings
+from .layout import PROBE_RESULTS, RUN_CONFIG, RunLayout, per_regime, probe_prefix, readout_source
+
 # The settings of a probe that decide its features; two probes equal in these read the same ones.
 FEATURE_SETTINGS = (
     "layers", "timesteps", "pooling", "pool_size", "noise_draws", "concat_timesteps",
@@ -22,7 +25,7 @@ FEATURE_SETTINGS = (
 
 def _probe_settings(folder: Path) -> dict | None:
     """A probe run's model settings, as its CLI resolved them."""
-    path = folder / "config.yaml"
+    path = folder / RUN_CONFIG
     if not path.exists():
         return None
     model = (yaml.safe_load(path.read_text()).get("model") or {}).get("init_args") or {}
@@ -31,17 +34,12 @@ def _probe_settings(folder: Path) -> dict | None:
 
 def best_validation_row(folder: Path) -> dict | None:
     """The best key's validation row of ``probe_results.csv``."""
-    path = folder / "probe_results.csv"
+    path = folder / PROBE_RESULTS
     if not path.exists():
         return None
     with open(path, newline="") as handle:
         rows = csv.DictReader(handle)
         return next((r for r in rows if r["split"] == "val" and r["best"] == "True"), None)
-
-
-def readout_label(name: str, readout: dict | None) -> str:
-    """A readout's name in every table: its ``label``, else its key in words."""
-    return (readout or {}).get("label", name.replace("_", " "))
 
 
 def _feature_settings(settings: dict) -> dict:
@@ -61,16 +59,15 @@ def _key(row: dict) -> str:
     return f"`{row['layer']}`" + (f" t={row['timestep']}" if row["timestep"] else " (all t)")
 
 
-def readouts_section(run_dir: Path, experiment: dict, regime: str) -> list[str]:
+def readouts_section(layout: RunLayout, settings: ExperimentSettings, regime: str) -> list[str]:
     """A table of every diffusion probe on validation, then each solver comparison on the same
     features and the online probe's choice against ``last.ckpt``; [] before any probe ran."""
-    readouts = (experiment.get("probes") or {}).get("readouts") or {}
-    probes = {"the grid (best pair)": "probe_diffusion"}
-    for name, readout in readouts.items():
-        probes[readout_label(name, readout)] = f"probe_diffusion_{name}"
+    probes = {"the grid (best pair)": probe_prefix("diffusion")}
+    for name in settings.readouts:
+        probes[settings.readout_label(name)] = probe_prefix(readout_source(name))
     found = {}
     for label, prefix in probes.items():
-        folder = run_dir / "runs" / f"{prefix}_{regime}"
+        folder = layout.run(per_regime(prefix, regime))
         settings, best = _probe_settings(folder), best_validation_row(folder)
         if settings is not None and best is not None:
             found[label] = (settings, best)
