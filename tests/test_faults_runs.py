@@ -1,10 +1,14 @@
-"""Runs that fail loudly and lose nothing: a diverged fit, a preempted fit, a full disk."""
+"""Runs that fail loudly and lose nothing: a diverged fit, a preempted fit, a full disk, two
+processes on one run folder."""
 
 from __future__ import annotations
 
 import errno
 import os
 import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -16,6 +20,7 @@ from cli import main
 from lightning_modules.common import checkpoint_io
 from lightning_modules.common.module import load_checkpoint
 from lightning_modules.common.preemption import PREEMPTED_STATUS
+from lightning_modules.common.run_lock import LOCK_NAME, FolderInUse, FolderLock
 from workflows.lightning_cli import PlanktonCLI
 
 TINY_FIT = [
@@ -128,3 +133,49 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_names_the_folder(
     assert "the previous one is kept" in line and "--trainer.default_root_dir" in line
     assert load_checkpoint(last)["epoch"] == 0  # the first epoch's, whole
     assert all(p.suffix == ".ckpt" for p in last.parent.iterdir())  # no temporary left
+
+
+@pytest.fixture
+def live_holder():
+    """``pid@host`` of a process that runs for the length of the test."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield f"{process.pid}@{socket.gethostname()}"
+    process.kill()
+    process.wait()
+
+
+def test_a_folder_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, live_holder):
+    lock = FolderLock(tmp_path, "plankton fit")
+    lock.path.write_text(live_holder)
+    with pytest.raises(FolderInUse, match=f"in use by process {live_holder} \\(plankton fit\\)"):
+        lock.acquire()
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    lock.path.write_text(f"{ended.stdout.strip()}@{socket.gethostname()}")
+    with pytest.warns(UserWarning, match="taking over the lock of process"):
+        lock.acquire()
+    lock.acquire()  # held by this process already
+    assert lock.path.read_text() == f"{os.getpid()}@{socket.gethostname()}"
+    lock.release()
+    assert not lock.path.exists()
+
+
+def test_a_second_process_on_one_run_folder_is_refused(source, tmp_path, live_holder, capsys):
+    out = tmp_path / "experiment"
+    out.mkdir()
+    (out / LOCK_NAME).write_text(live_holder)
+    config = str(REPOSITORY / "configs/experiments/smoke.yaml")
+    assert main(["experiment", "--config", config, "--out", str(out)]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert f"{out}: in use by process {live_holder} (plankton experiment)" in line
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing started
+
+    run = tmp_path / "runs" / "supervised" / "version_0"
+    run.mkdir(parents=True)
+    (run / LOCK_NAME).write_text(live_holder)
+    logger = ["--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
+              "--trainer.logger.save_dir", str(tmp_path / "runs"),
+              "--trainer.logger.name", "supervised", "--trainer.logger.version", "0"]  # fmt: skip
+    assert main(["fit", *TINY_FIT, *source, *logger]) == 2
+    assert f"{run}: in use by process {live_holder} (plankton fit)" in capsys.readouterr().err
+    assert not list(run.glob("**/*.ckpt"))

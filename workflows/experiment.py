@@ -38,6 +38,7 @@ from lightning_modules.common.abundance import (
 )
 from lightning_modules.common.figures import save_grid
 from lightning_modules.common.flops import StepFlops
+from lightning_modules.common.run_lock import FolderLock
 
 from .clustering import cluster_features
 from .distributed import GatheredPredictions, Processes, launch_processes
@@ -174,10 +175,22 @@ class ExperimentRunner:
         self.processes = processes = launch_processes(self.experiment.launch_settings())
         if not processes.is_zero:
             self.log = lambda message: None
+        lock = FolderLock(self.out, "plankton experiment")
+        if processes.is_zero:  # before --force deletes anything
+            lock.acquire()
+        try:
+            self._run_stages(force)
+        finally:
+            if processes.is_zero:
+                lock.release()
+        processes.barrier()
+        return self.layout.report
+
+    def _run_stages(self, force: str | None) -> None:
+        processes = self.processes
         if force:
             self.force(force)
         if processes.is_zero:
-            self.out.mkdir(parents=True, exist_ok=True)
             write_json(self.layout.experiment, self.experiment.source)
         for stage in STAGES:
             processes.barrier()  # every rank reads the markers rank zero has written
@@ -193,8 +206,6 @@ class ExperimentRunner:
                 write_json(marker, {"wall_s": wall, "finished": finished,
                                     "processes": processes.world_size})  # fmt: skip
             self.log(f"[{stage}] done in {wall:.1f} s")
-        processes.barrier()
-        return self.layout.report
 
     # -- running the CLI -----------------------------------------------------------------------
     def _cli(

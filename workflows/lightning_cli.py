@@ -18,6 +18,7 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 
 from datamodules import PlanktonDataModule
 from lightning_modules.common.module import load_checkpoint
+from lightning_modules.common.run_lock import LOCK_NAME
 from lightning_modules.common.trainer import PlanktonTrainer
 
 # Settings every model of the suite receives from the data (and keeps in its checkpoint).
@@ -29,9 +30,9 @@ DATA_TO_MODEL = [
 ]
 # The checkpoint a probe's frozen features come from (a path or a glob pattern).
 FEATURE_CHECKPOINT = "model.init_args.features.init_args.checkpoint"
-# What a run folder holds before its first result: the saved config, the hyperparameters and the
-# TensorBoard event files (without a logged value; see ``_logs_values``).
-BOOKKEEPING = ("config.yaml", "hparams.yaml")
+# What a run folder holds before its first result: the saved config, the hyperparameters, the
+# run's lock and the TensorBoard event files (without a logged value; see ``_logs_values``).
+BOOKKEEPING = ("config.yaml", "hparams.yaml", LOCK_NAME)
 
 
 class PlanktonCLI(LightningCLI):

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from .checkpoint_io import AtomicCheckpointIO
 from .divergence import StopOnDivergence
 from .preemption import CheckpointOnPreemption
+from .run_lock import LockRunFolder
 
 
 def _cpu_bf16_units() -> list[str]:
@@ -87,10 +88,10 @@ class PlanktonTrainer(L.Trainer):
 def _add_safeguards(kwargs: dict) -> None:
     """The suite's safeguards added to the Trainer arguments given: a run that diverges
     stops (``StopOnDivergence``), a preempted one saves its step (``CheckpointOnPreemption``),
-    and checkpoints are written atomically (``AtomicCheckpointIO``, unless a checkpoint IO
-    is given)."""
+    no second process writes its folder (``LockRunFolder``), and checkpoints are written
+    atomically (``AtomicCheckpointIO``, unless a checkpoint IO is given)."""
     callbacks = _as_list(kwargs.get("callbacks"))
-    for guard in (StopOnDivergence, CheckpointOnPreemption):
+    for guard in (StopOnDivergence, CheckpointOnPreemption, LockRunFolder):
         if not any(isinstance(callback, guard) for callback in callbacks):
             callbacks.append(guard())
     plugins = _as_list(kwargs.get("plugins"))
