@@ -1,13 +1,16 @@
 """The settings of ``DiffusionFeatures``: the feature-cache fingerprint and the checkpoint's
 ``init_args`` they give must not change, or caches and probes built before are lost."""
 
+import inspect
 import json
+from dataclasses import fields
 
 import torch
 
 from lightning_modules import DiffusionFeatures, DiffusionModule
 from lightning_modules.diffusion.noise_schedule import NoiseSchedule
 from lightning_modules.diffusion.unet import UNet
+from lightning_modules.probes.features import DiffusionSettings
 
 # Computed before the settings became one dataclass: caches written then must still be found.
 DEFAULT_FINGERPRINT = "5db0294f87bb177141d86a5b"
@@ -83,3 +86,13 @@ def test_checkpoint_sources_record_their_init_args_in_order(tmp_path):
         ("micro_batch", 16),
         ("weights", "raw"),
     ]
+
+
+def test_the_cli_signature_lists_every_setting_with_its_default():
+    parameters = inspect.signature(DiffusionFeatures.__init__).parameters
+    spelled_out = {
+        name: parameter.default
+        for name, parameter in parameters.items()
+        if name not in ("self", "checkpoint", "weights")
+    }
+    assert spelled_out == {item.name: item.default for item in fields(DiffusionSettings)}
