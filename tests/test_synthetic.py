@@ -8,11 +8,10 @@ import pytest
 from PIL import Image
 
 from cli import main
+from datamodules.organisms import _distance, _taxonomy
 from datamodules.synthetic import (
     APPEARANCES,
     SyntheticPlankton,
-    _distance,
-    _taxonomy,
     class_frequencies,
     domain_counts,
     domain_fractions,
