@@ -78,9 +78,7 @@ def frozen_unet(image_size: int) -> DiffusionModule:
     return module
 
 
-def train_heads(
-    source: UNetFeatures, data: PlanktonDataModule, keys: list | None = None
-) -> dict:
+def train_heads(source: UNetFeatures, data: PlanktonDataModule, keys: list | None = None) -> dict:
     """Linear heads for ``keys`` (default: every key of ``source``) trained on features computed
     every batch (the backbone runs each epoch); returns validation macro-F1 per key. The batches
     are the cached way's: the datamodule's (whole batches only), shuffled from the same seed, and
