@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from .candidates import Cached, Split
@@ -46,9 +46,10 @@ def summarize(
 ) -> DatasetSummary:
     """The summary of the three phases' results (see ``candidates``), every set in
     ``split_order``; ``unknown`` adds to the images ``class_map`` excluded."""
-    excluded = cached.excluded
-    for set_name, counts in unknown.items():
-        excluded[set_name] += counts
+    excluded: dict[str, Counter] = defaultdict(Counter)
+    for part in (cached.excluded, unknown):
+        for set_name, counts in part.items():
+            excluded[set_name] += counts
     counts = {
         name: {c: Counter(split.labels)[c] for c in classes} for name, split in splits.items()
     }
