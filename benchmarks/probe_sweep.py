@@ -47,6 +47,7 @@ from harness import CONFIGS, argument_parser, print_figures, work_dir
 
 from datamodules import PlanktonDataModule, SyntheticPlankton
 from lightning_modules import DiffusionFeatures, DiffusionModule, ProbeModule
+from lightning_modules.probes.features import UNetFeatures
 from lightning_modules.probes.grid_metrics import GridConfusion, grid_scores
 
 LAYERS = ["enc.0.1", "enc.1.1", "enc.2.1", "mid.1", "dec.2.1", "dec.1.1", "dec.0.1", "dec.0.2"]
@@ -77,9 +78,7 @@ def frozen_unet(image_size: int) -> DiffusionModule:
     return module
 
 
-def train_heads(
-    source: DiffusionFeatures, data: PlanktonDataModule, keys: list | None = None
-) -> dict:
+def train_heads(source: UNetFeatures, data: PlanktonDataModule, keys: list | None = None) -> dict:
     """Linear heads for ``keys`` (default: every key of ``source``) trained on features computed
     every batch (the backbone runs each epoch); returns validation macro-F1 per key. The batches
     are the cached way's: the datamodule's (whole batches only), shuffled from the same seed, and

@@ -62,7 +62,7 @@ from datamodules.views import eval_view
 from lightning_modules.diffusion.noise_schedule import NoiseSchedule
 from lightning_modules.diffusion.unet import UNet
 from lightning_modules.probes.feature_cache import load_or_extract
-from lightning_modules.probes.features import DiffusionFeatures
+from lightning_modules.probes.features import DiffusionFeatures, UNetFeatures
 
 T = TypeVar("T")
 SIZES, QUICK_SIZES = (50_000, 200_000), (5_000, 20_000)
@@ -99,7 +99,7 @@ def reset_peak() -> bool:
     return True
 
 
-def feature_source() -> DiffusionFeatures:
+def feature_source() -> UNetFeatures:
     """A U-Net of the probes' kind, small enough for 2 CPU cores, every block at two timesteps.
     Untrained: its features mean nothing, but they cost what trained ones cost."""
     torch.manual_seed(0)

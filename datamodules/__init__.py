@@ -1,7 +1,9 @@
 """The plankton data pipeline: sources, splits, preprocessing, cache and per-method views."""
 
-from .datamodule import DatasetSummary, PlanktonDataModule, PlanktonImages
+from .datamodule import PlanktonDataModule
+from .images import PlanktonImages
 from .preprocessing import Preprocessing
+from .summary import DatasetSummary
 from .synthetic import SyntheticPlankton
 
 __all__ = [

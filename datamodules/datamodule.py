@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import warnings
-from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -14,134 +12,24 @@ import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from .cache import CachedImages, default_cache_dir, load_or_build
+from .cache import CachedImages, default_cache_dir
+from .candidates import (
+    ScannedSource,
+    Split,
+    assemble_splits,
+    cache_candidates,
+    refuse_skipped,
+    split_candidates,
+    training_classes,
+)
+from .images import PlanktonImages, device_memory
 from .preprocessing import Preprocessing
-from .sources import FIXED_SPLITS, TRAINVAL, ImageRecord, Skipped, SourceFormat, scan
-from .splits import assign_splits, balanced_subset
+from .sources import FIXED_SPLITS, SourceFormat, scan
+from .summary import DatasetSummary, split_order, summarize
 from .synthetic import SyntheticPlankton, ensure_dataset
 from .views import View, eval_view
-
-IN_DISTRIBUTION = (*FIXED_SPLITS, TRAINVAL, None)
-
-
-class PlanktonImages(Dataset):
-    """Images of one split, read from the cache a whole batch at a time.
-
-    Items are ``(image, label, index)``; ``index`` is the image's position in this split, a
-    stable identity for per-image randomness. A DataLoader's batch is read with one access to the
-    cache and transformed with one call of the (batched) view, on the device the images are on:
-    ``__getitems__`` returns the collated batch ``(images, labels, indices)``, so read it through
-    ``loader`` (or a DataLoader with ``collate_fn=keep_batch``).
-
-    Args:
-        images: the dataset's cache file (read memory-mapped, opened once per worker), or the
-            split's images already in memory, ``(len(rows), C, S, S)`` uint8 on any device: then
-            batches are drawn and augmented on that device, without workers.
-        rows: each image's row in the cache file.
-        labels: each image's class index.
-        transform: the batched view applied to every batch.
-    """
-
-    def __init__(
-        self,
-        images: Path | torch.Tensor,
-        rows: np.ndarray,
-        labels: np.ndarray,
-        transform: View,
-    ) -> None:
-        self.rows = rows
-        self.labels = labels
-        self.transform = transform
-        self.resident = isinstance(images, torch.Tensor)
-        self.cache_path = None if self.resident else images
-        self._images = images if self.resident else None
-        self._labels = torch.as_tensor(labels, device=images.device) if self.resident else None
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def _read(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.resident:
-            at = torch.as_tensor(positions, device=self._images.device)
-            return self._images[at], self._labels[at], at
-        if self._images is None:  # opened lazily, once per DataLoader worker
-            self._images = np.load(self.cache_path, mmap_mode="r")
-        images = torch.from_numpy(np.array(self._images[self.rows[positions]]))
-        return images, torch.as_tensor(self.labels[positions]), torch.as_tensor(positions)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | list[torch.Tensor], int, int]:
-        images, _, _ = self._read([index])
-        views = self.transform(images)
-        image = [view[0] for view in views] if isinstance(views, list) else views[0]
-        return image, int(self.labels[index]), index
-
-    def __getitems__(self, positions: list[int]) -> tuple:
-        images, labels, positions = self._read(positions)
-        return self.transform(images), labels, positions
-
-    def loader(self, batch_size: int, **options: object) -> DataLoader:
-        """A DataLoader of whole batches; ``options`` are DataLoader arguments."""
-        return DataLoader(self, batch_size=batch_size, collate_fn=keep_batch, **options)
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_images": self._images if self.resident else None}
-
-
-def keep_batch(batch: tuple) -> tuple:
-    """The collate function of ``PlanktonImages``: its batches come collated already."""
-    return batch
-
-
-def device_memory(device: torch.device) -> int:
-    """Bytes of memory of ``device``: the GPU's, or the machine's RAM for a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-@dataclass
-class DatasetSummary:
-    """What the DataModule made of a dataset: the answer of ``plankton data inspect``."""
-
-    classes: list[str]
-    counts: dict[str, dict[str, int]]
-    skipped: list[Skipped]
-    dropped_classes: dict[str, int] = field(default_factory=dict)
-    excluded: dict[str, dict[str, int]] = field(default_factory=dict)
-    unused_train: dict[str, int] = field(default_factory=dict)
-    capped: dict[str, int] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        return {
-            "classes": self.classes,
-            "counts": self.counts,
-            "skipped": [s.as_dict() for s in self.skipped],
-            "dropped_classes": self.dropped_classes,
-            "excluded": self.excluded,
-            "unused_train": self.unused_train,
-            "capped": self.capped,
-            "warnings": self.warnings,
-        }
-
-
-def _at_most_per_class(
-    items: list, keys: list[str], labels: list[str], per_class: int, seed: int
-) -> tuple[list, Counter]:
-    """``items`` cut to at most ``per_class`` of each label (``balanced_subset``: the same ones
-    on every run), and the count left out per label."""
-    keep = set(balanced_subset(range(len(items)), keys, labels, per_class, seed))
-    left_out = Counter(label for i, label in enumerate(labels) if i not in keep)
-    return [item for i, item in enumerate(items) if i in keep], left_out
-
-
-@dataclass
-class _Split:
-    source: CachedImages
-    rows: list[int]
-    labels: list[str]
 
 
 class PlanktonDataModule(L.LightningDataModule):
@@ -226,28 +114,18 @@ class PlanktonDataModule(L.LightningDataModule):
         progress: bool = True,
     ) -> None:
         super().__init__()
-        if regime not in ("balanced", "long_tailed"):
-            raise ValueError(f"regime must be 'balanced' or 'long_tailed', got {regime!r}")
-        if sampler not in ("shuffle", "class_balanced"):
-            raise ValueError(f"sampler must be 'shuffle' or 'class_balanced', got {sampler!r}")
-        for name, value, least in (
-            ("batch_size", batch_size, 1),
-            ("eval_batch_size", 1 if eval_batch_size is None else eval_batch_size, 1),
-            ("num_workers", num_workers, 0),
-            ("max_per_class", max_per_class, 1),
-            ("max_class_images", 1 if max_class_images is None else max_class_images, 1),
-            ("min_per_class", min_per_class, 0),
-        ):
-            if value < least:
-                raise ValueError(f"{name} must be at least {least}, got {value}")
-        if not 0 <= resident_fraction <= 1:
-            raise ValueError(
-                f"resident_fraction must be between 0 (always read from the disk cache) and 1, "
-                f"got {resident_fraction}"
-            )
-        clashes = sorted(set(ood or {}) & set(FIXED_SPLITS))
-        if clashes:
-            raise ValueError(f"ood set names {clashes} clash with train/val/test: rename them")
+        _check_settings(
+            regime=regime,
+            sampler=sampler,
+            resident_fraction=resident_fraction,
+            ood_names=list(ood or {}),
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            max_per_class=max_per_class,
+            max_class_images=max_class_images,
+            min_per_class=min_per_class,
+        )
         self.synthetic = synthetic or SyntheticPlankton()
         # Plain values only, so checkpoints load with ``weights_only=True``.
         self.save_hyperparameters(ignore=["synthetic"])
@@ -277,7 +155,7 @@ class PlanktonDataModule(L.LightningDataModule):
         self.resident_fraction = resident_fraction
         self._on_device: dict[tuple[str, str], torch.Tensor] = {}
         self._streamed: set[tuple[str, str]] = set()
-        self._splits: dict[str, _Split] | None = None
+        self._splits: dict[str, Split] | None = None
         self._summary: DatasetSummary | None = None
 
     # -- what the models need to know -------------------------------------------------------
@@ -332,139 +210,51 @@ class PlanktonDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.summary  # noqa: B018
 
-    def _scan_sources(
-        self,
-    ) -> list[tuple[str, str | None, list[ImageRecord], list[Skipped], list[str]]]:
-        """``(name, ood set or None, records, skipped, warnings)`` of the main source and each
-        extra OOD source."""
+    def _scan_sources(self) -> list[ScannedSource]:
+        """The main source, then each extra OOD source, scanned."""
         if self.source == "synthetic":
             main_path = ensure_dataset(self.synthetic, self.cache_dir, progress=self.progress)
             main_format: SourceFormat = "manifest"
         else:
             main_path, main_format = Path(self.source).expanduser(), self.format
-        sources = []
         main = scan(main_path, main_format, self.train_years, self.test_years)
-        sources.append((str(main_path.resolve()), None, main.records, main.skipped, main.warnings))
-        for name, path in sorted(self.ood.items()):
-            part = scan(path)
-            sources.append(
-                (str(Path(path).resolve()), name, part.records, part.skipped, part.warnings)
-            )
+        extra = [
+            ScannedSource(str(Path(path).resolve()), name, scan(path))
+            for name, path in sorted(self.ood.items())
+        ]
         if not main.records:
             raise ValueError(
                 f"no images found in {main_path}: expected class folders (root/<class>/*.png), "
                 "WHOI year folders, a CSV manifest or an EcoTaxa TSV"
                 + (f"; {len(main.skipped)} files were skipped" if main.skipped else "")
             )
-        return sources
+        return [ScannedSource(str(main_path.resolve()), None, main), *extra]
 
     def _build(self) -> None:
-        skipped: list[Skipped] = []
-        notes: list[str] = []
-        excluded: dict[str, Counter] = defaultdict(Counter)
-        candidates: dict[str, list[tuple[CachedImages, int, str, str]]] = defaultdict(list)
-        in_distribution: list[tuple[CachedImages, int, ImageRecord, str]] = []
-        for name, ood_name, records, scan_skipped, scan_notes in self._scan_sources():
-            skipped += scan_skipped
-            notes += scan_notes
-            cached = load_or_build(
-                records, self.preprocessing, self.cache_dir, name, self.num_workers, self.progress
-            )
-            skipped += cached.failed
-            for row, record in enumerate(records):
-                if not cached.readable[row]:
-                    continue
-                label = self.class_map.get(record.label, record.label)
-                set_name = ood_name or record.split
-                if label is None:
-                    excluded[set_name or "unsplit"][record.label] += 1
-                elif set_name in IN_DISTRIBUTION:
-                    in_distribution.append((cached, row, record, label))
-                else:
-                    candidates[set_name].append((cached, row, label, record.key))
-        if self.strict and skipped:
-            listing = "\n".join(f"  {s.path}: {s.reason}" for s in skipped[:50])
-            more = f"\n  ... and {len(skipped) - 50} more" if len(skipped) > 50 else ""
-            raise ValueError(
-                f"strict: {len(skipped)} file(s) cannot be used:\n{listing}{more}\n"
-                "Remove or fix them, or set strict: false to skip and list them."
-            )
-
-        sizes = Counter(label for _, _, _, label in in_distribution)
-        dropped = {c: n for c, n in sorted(sizes.items()) if n < self.min_per_class}
-        in_distribution = [item for item in in_distribution if item[3] not in dropped]
-        capped: Counter = Counter()
-        if self.max_class_images is not None:
-            in_distribution, capped = _at_most_per_class(
-                in_distribution,
-                [record.key for _, _, record, _ in in_distribution],
-                [label for _, _, _, label in in_distribution],
-                self.max_class_images,
-                self.split_seed,
-            )
-        splits = assign_splits(
-            [record.key for _, _, record, _ in in_distribution],
-            [label for _, _, _, label in in_distribution],
-            [record.split for _, _, record, _ in in_distribution],
+        cached = cache_candidates(
+            self._scan_sources(),
+            self.preprocessing,
+            self.cache_dir,
+            self.class_map,
+            self.num_workers,
+            self.progress,
+        )
+        if self.strict:
+            refuse_skipped(cached.skipped)
+        by_split, dropped, capped = split_candidates(
+            cached.in_distribution,
+            self.min_per_class,
+            self.max_class_images,
             self.val_fraction,
             self.test_fraction,
             self.split_seed,
         )
-        for (cached, row, record, label), split in zip(in_distribution, splits, strict=True):
-            candidates[split].append((cached, row, label, record.key))
-
-        classes = sorted({label for _, _, label, _ in candidates.get("train", [])})
-        if not classes:
-            raise ValueError(
-                f"no training images left in {self.source} after skipping unreadable files, "
-                f"class_map and min_per_class={self.min_per_class}: check the data settings"
-            )
-        if len(classes) == 1:
-            raise ValueError(
-                f"only one class ({classes[0]!r}) in {self.source}: classifiers and probes need "
-                "two or more. Give data.source the folder whose subfolders are the classes, or "
-                "check class_map and min_per_class"
-            )
-        known = set(classes)
-        chosen: dict[str, _Split] = {}
-        unused: Counter = Counter()
-        for set_name, items in candidates.items():
-            kept = [item for item in items if item[2] in known]
-            for item in items:
-                if item[2] not in known:
-                    excluded[set_name][item[2]] += 1
-            if set_name == "train" and self.regime == "balanced":
-                kept, unused = _at_most_per_class(
-                    kept,
-                    [item[3] for item in kept],
-                    [item[2] for item in kept],
-                    self.max_per_class,
-                    self.split_seed,
-                )
-            sources = {id(item[0]) for item in kept}
-            assert len(sources) <= 1, f"set {set_name} spans several caches"
-            chosen[set_name] = _Split(
-                source=kept[0][0] if kept else items[0][0],
-                rows=[item[1] for item in kept],
-                labels=[item[2] for item in kept],
-            )
-        for split in FIXED_SPLITS:
-            chosen.setdefault(split, _Split(in_distribution[0][0], [], []))
-
-        counts = {
-            name: {c: Counter(split.labels)[c] for c in classes} for name, split in chosen.items()
-        }
-        self._summary = DatasetSummary(
-            classes=classes,
-            counts=dict(sorted(counts.items(), key=lambda kv: _split_order(kv[0]))),
-            skipped=skipped,
-            dropped_classes=dropped,
-            excluded={k: dict(sorted(v.items())) for k, v in sorted(excluded.items())},
-            unused_train=dict(sorted(unused.items())),
-            capped=dict(sorted(capped.items())),
-            warnings=notes,
-        )
-        self._splits = chosen
+        sets = {**cached.out_of_distribution, **by_split}
+        classes = training_classes(sets, self.source, self.min_per_class)
+        balanced = self.max_per_class if self.regime == "balanced" else None
+        splits, unused, unknown = assemble_splits(sets, classes, balanced, self.split_seed)
+        self._summary = summarize(classes, splits, cached, dropped, capped, unused, unknown)
+        self._splits = splits
         self._report()
 
     def _report(self) -> None:
@@ -503,7 +293,7 @@ class PlanktonDataModule(L.LightningDataModule):
         if split not in splits:
             raise ValueError(
                 f"no split {split!r} in {self.source}: choose among "
-                + ", ".join(sorted(splits, key=_split_order))
+                + ", ".join(sorted(splits, key=split_order))
             )
         part = splits[split]
         index = {c: i for i, c in enumerate(self.class_names)}
@@ -605,11 +395,44 @@ class PlanktonDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.predict_set)
 
-    def _splits_or_build(self) -> dict[str, _Split]:
+    def _splits_or_build(self) -> dict[str, Split]:
         self.summary  # noqa: B018
         assert self._splits is not None
         return self._splits
 
 
-def _split_order(name: str) -> tuple[int, str]:
-    return (FIXED_SPLITS.index(name), "") if name in FIXED_SPLITS else (len(FIXED_SPLITS), name)
+def _check_settings(
+    regime: str,
+    sampler: str,
+    resident_fraction: float,
+    ood_names: list[str],
+    batch_size: int,
+    eval_batch_size: int | None,
+    num_workers: int,
+    max_per_class: int,
+    max_class_images: int | None,
+    min_per_class: int,
+) -> None:
+    """Raise, naming the option, for a setting the DataModule cannot work with."""
+    if regime not in ("balanced", "long_tailed"):
+        raise ValueError(f"regime must be 'balanced' or 'long_tailed', got {regime!r}")
+    if sampler not in ("shuffle", "class_balanced"):
+        raise ValueError(f"sampler must be 'shuffle' or 'class_balanced', got {sampler!r}")
+    for name, value, least in (
+        ("batch_size", batch_size, 1),
+        ("eval_batch_size", 1 if eval_batch_size is None else eval_batch_size, 1),
+        ("num_workers", num_workers, 0),
+        ("max_per_class", max_per_class, 1),
+        ("max_class_images", 1 if max_class_images is None else max_class_images, 1),
+        ("min_per_class", min_per_class, 0),
+    ):
+        if value < least:
+            raise ValueError(f"{name} must be at least {least}, got {value}")
+    if not 0 <= resident_fraction <= 1:
+        raise ValueError(
+            f"resident_fraction must be between 0 (always read from the disk cache) and 1, "
+            f"got {resident_fraction}"
+        )
+    clashes = sorted(set(ood_names) & set(FIXED_SPLITS))
+    if clashes:
+        raise ValueError(f"ood set names {clashes} clash with train/val/test: rename them")

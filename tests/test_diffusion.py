@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from datamodules import PlanktonDataModule
 from lightning_modules import DiffusionFeatures, DiffusionModule, OnlineProbe, load_diffusion
 from lightning_modules.diffusion.per_image_noise import per_image_noise
-from lightning_modules.probes.features import capture
 from lightning_modules.probes.online import BEST_PROBE_CHECKPOINT
+from lightning_modules.probes.unet_blocks import capture
 
 TINY_UNET = {
     "image_size": 16,

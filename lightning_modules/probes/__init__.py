@@ -7,6 +7,7 @@ from .features import (
     FeatureKey,
     FeatureSource,
     PixelFeatures,
+    UNetFeatures,
 )
 from .online import OnlineProbe
 from .probe import ProbeModule
@@ -19,4 +20,5 @@ __all__ = [
     "OnlineProbe",
     "PixelFeatures",
     "ProbeModule",
+    "UNetFeatures",
 ]

@@ -21,7 +21,7 @@ from lightning.pytorch.strategies import Strategy
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from datamodules.datamodule import PlanktonImages, keep_batch
+from datamodules.images import PlanktonImages, keep_batch
 from datamodules.store import ArrayStore, write_array_atomic
 
 from .features import FeatureKey, FeatureSource

@@ -1,25 +1,23 @@
 """Frozen features for probes: pooled U-Net activations at (layer, timestep) keys, and the
 embedding of a baseline encoder under a single key.
 
-One U-Net forward per timestep yields every requested layer (forward hooks on the named blocks),
-and the forward stops after the deepest block asked for, so probing encoder layers does not pay
-for the decoder. The noise of every image comes from ``per_image_noise``: the same image gives
+One U-Net forward per timestep yields every requested layer (``unet_blocks.capture``), and the
+forward stops after the deepest block asked for, so probing encoder layers does not pay for the
+decoder. The noise of every image comes from ``per_image_noise``: the same image gives
 bit-identical features whatever batch it lands in.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import glob
 import hashlib
-import inspect
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..common.module import load_checkpoint
@@ -27,74 +25,10 @@ from ..diffusion.module import load_diffusion
 from ..diffusion.noise_schedule import NoiseSchedule
 from ..diffusion.per_image_noise import per_image_noise
 from ..diffusion.unet import UNet
+from .unet_blocks import Pooling, capture, pool, resolve_layers
 
-Pooling = Literal["avg", "avg_std", "adaptive", "tokens"]
 # (layer, timestep); encoders without timesteps use (name, None).
 FeatureKey = tuple[str, int | None]
-
-
-class _StopForward(Exception):
-    """Raised by the hook of the deepest requested block: nothing after it is needed."""
-
-
-def resolve_layers(unet: UNet, layers: Sequence[str | int]) -> list[str]:
-    """Block names from names, glob patterns (``dec.*``) or resolutions (``16``), in forward
-    order. Raises ``ValueError`` listing the valid names when something matches nothing."""
-    names = unet.block_names
-    chosen: list[str] = []
-    for item in layers:
-        text = str(item)
-        if text.isdigit():
-            matches = [n for n in names if unet.info[n].resolution == int(text)]
-        else:
-            matches = fnmatch.filter(names, text)
-        if not matches:
-            resolutions = sorted({info.resolution for info in unet.info.values()})
-            raise ValueError(
-                f"layer {item!r} matches no U-Net block. Valid names: {', '.join(names)}; "
-                f"patterns such as 'dec.*'; or a resolution among {resolutions}"
-            )
-        chosen += [m for m in matches if m not in chosen]
-    return sorted(chosen, key=names.index)
-
-
-def pool(h: torch.Tensor, pooling: Pooling, pool_size: int = 2) -> torch.Tensor:
-    """``(B, C, H, W)`` feature maps to ``(B, features)``."""
-    if pooling == "avg":
-        return h.mean(dim=(2, 3))
-    if pooling == "avg_std":
-        return torch.cat([h.mean(dim=(2, 3)), h.std(dim=(2, 3), correction=0)], dim=1)
-    if pooling == "adaptive":
-        return F.adaptive_avg_pool2d(h, pool_size).flatten(1)
-    if pooling == "tokens":  # every position's channels, position after position
-        return h.flatten(2).transpose(1, 2).flatten(1)
-    raise ValueError(f"pooling must be 'avg', 'avg_std', 'adaptive' or 'tokens', got {pooling!r}")
-
-
-def capture(
-    unet: UNet, x: torch.Tensor, timesteps: torch.Tensor, layers: Sequence[str]
-) -> dict[str, torch.Tensor]:
-    """Outputs of the named blocks, running the U-Net only up to the deepest of them."""
-    outputs: dict[str, torch.Tensor] = {}
-    deepest = max(layers, key=unet.block_names.index)
-
-    def hook(name: str):  # noqa: ANN202 - a forward-hook factory
-        def store(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
-            outputs[name] = output
-            if name == deepest:
-                raise _StopForward
-
-        return store
-
-    handles = [unet.block(name).register_forward_hook(hook(name)) for name in layers]
-    try:
-        unet(x, timesteps)
-    except _StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return outputs
 
 
 def latest_checkpoint(pattern: str) -> str:
@@ -173,9 +107,140 @@ class FeatureSource(nn.Module):
         return super().train(False)
 
 
-class DiffusionFeatures(FeatureSource):
-    """A feature source over a frozen U-Net: ``forward(images, indices)`` returns
-    ``{(layer, timestep): (batch, features)}``.
+# On the fields that change how the features are computed, not what they are: kept out of the
+# fingerprint, so that a cache written with one value serves the other.
+_NOT_FINGERPRINTED = {"fingerprinted": False}
+
+
+@dataclass(frozen=True)
+class DiffusionSettings:
+    """The settings of U-Net features besides the checkpoint and weights, described in
+    ``DiffusionFeatures``: checked once, and the one place that gives the checkpoint's
+    ``init_args`` and the fingerprinted ``settings()``."""
+
+    layers: tuple[str | int, ...] = ("*",)
+    timesteps: tuple[int, ...] = (1, 2, 3, 5, 8, 11, 16, 25, 50, 100, 200)
+    pooling: Pooling = "avg"
+    pool_size: int = 2
+    noise_draws: int = 1
+    seed: int = 0
+    stack_timesteps: bool = field(default=False, metadata=_NOT_FINGERPRINTED)
+    concat_timesteps: bool = False
+    micro_batch: int = field(default=16, metadata=_NOT_FINGERPRINTED)
+
+    def __post_init__(self) -> None:
+        # Tuples of plain values, whatever sequences were given (assigned past the frozen guard).
+        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
+        if self.noise_draws < 1:
+            raise ValueError(f"noise_draws must be at least 1, got {self.noise_draws}")
+        pool(torch.zeros(1, 1, 1, 1), self.pooling, self.pool_size)  # rejects an unknown pooling
+
+    def init_args(self, checkpoint: str, weights: str) -> dict:
+        """The arguments of ``DiffusionFeatures`` that rebuild it, as plain values."""
+        return {"checkpoint": checkpoint, **self._plain(), "weights": weights}
+
+    def feature_settings(self, layers: list[str], schedule: NoiseSchedule) -> dict:
+        """``FeatureSource.settings``: the fingerprinted fields, with the layers as resolved on
+        the U-Net, and its noise schedule."""
+        plain = self._plain()
+        kept = {f.name: plain[f.name] for f in fields(self) if f.metadata.get("fingerprinted", 1)}
+        return {
+            "source": "diffusion",
+            **kept,
+            "layers": layers,
+            "schedule": [schedule.kind, schedule.timesteps],
+        }
+
+    def _plain(self) -> dict:
+        """Every field in order, tuples as lists."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: list(v) if isinstance(v, tuple) else v for name, v in values.items()}
+
+
+class UNetFeatures(FeatureSource):
+    """A feature source over a frozen U-Net in memory: ``forward(images, indices)`` returns
+    ``{(layer, timestep): (batch, features)}``. ``DiffusionFeatures`` builds one from a
+    checkpoint and describes the settings."""
+
+    def __init__(
+        self, unet: UNet, schedule: NoiseSchedule, config: DiffusionSettings | None = None
+    ) -> None:
+        super().__init__()
+        self.config = config = config or DiffusionSettings()
+        schedule.check(list(config.timesteps))
+        self.unet = unet.eval().requires_grad_(False)
+        self.schedule = schedule
+        self.layers = resolve_layers(unet, config.layers)
+        self.micro_batch = config.micro_batch
+        self.keys = (
+            [(layer, None) for layer in self.layers]
+            if config.concat_timesteps
+            else [(layer, t) for t in config.timesteps for layer in self.layers]
+        )
+
+    def settings(self) -> dict:
+        return self.config.feature_settings(self.layers, self.schedule)
+
+    def feature_dims(self) -> dict[FeatureKey, int]:
+        config = self.config
+
+        def per_channel(layer: str) -> int:
+            if config.pooling == "tokens":  # one value per position
+                return self.unet.info[layer].resolution ** 2
+            return {"avg": 1, "avg_std": 2, "adaptive": config.pool_size**2}[config.pooling]
+
+        times = len(config.timesteps) if config.concat_timesteps else 1
+        return {
+            (layer, t): self.unet.info[layer].channels * per_channel(layer) * times
+            for layer, t in self.keys
+        }
+
+    def token_channels(self) -> dict[FeatureKey, int]:
+        """The channels of each key's tokens (its features are positions x channels), for an
+        attention-pooling head."""
+        if self.config.pooling != "tokens" or self.config.concat_timesteps:
+            raise ValueError(
+                "an attention-pooling head reads a layer's spatial tokens: set the features' "
+                "pooling: tokens (and concat_timesteps: false)"
+            )
+        return {(layer, t): self.unet.info[layer].channels for layer, t in self.keys}
+
+    def micro_batch_features(
+        self, images: torch.Tensor, indices: torch.Tensor
+    ) -> dict[FeatureKey, torch.Tensor]:
+        config, timesteps = self.config, list(self.config.timesteps)
+        sums: dict[FeatureKey, torch.Tensor] = {}
+        for draw in range(config.noise_draws):
+            noised, steps = [], []
+            for t in timesteps:
+                noise = per_image_noise(indices, t, config.seed, images.shape[1:], draw).to(images)
+                t_batch = torch.full((len(images),), t, device=images.device, dtype=torch.long)
+                noised.append(self.schedule.q_sample(images, t_batch, noise))
+                steps.append(t_batch)
+            groups = (
+                [(torch.cat(noised), torch.cat(steps), timesteps)]
+                if config.stack_timesteps
+                else [(x, s, [t]) for x, s, t in zip(noised, steps, timesteps, strict=True)]
+            )
+            for x, s, group_timesteps in groups:
+                for layer, h in capture(self.unet, x, s, self.layers).items():
+                    pooled = pool(h.float(), config.pooling, config.pool_size)
+                    for chunk, t in zip(pooled.split(len(images)), group_timesteps, strict=True):
+                        key = (layer, t)
+                        sums[key] = sums[key] + chunk if key in sums else chunk
+        if config.concat_timesteps:
+            sums = {
+                (layer, None): torch.cat([sums[(layer, t)] for t in timesteps], dim=1)
+                for layer in self.layers
+            }
+        return {key: sums[key] / config.noise_draws for key in self.keys}
+
+
+class DiffusionFeatures(UNetFeatures):
+    """A feature source over the frozen U-Net of a diffusion checkpoint.
+
+    ``forward(images, indices)`` returns ``{(layer, timestep): (batch, features)}``.
 
     Args:
         checkpoint: a DiffusionModule checkpoint (read with ``weights_only=True``), or a glob
@@ -197,6 +262,8 @@ class DiffusionFeatures(FeatureSource):
         weights: ``ema`` (default) or ``raw`` training weights.
     """
 
+    # The parameters are spelled out, not taken from DiffusionSettings: they are the YAML and CLI
+    # interface, which the CLI reads from this signature (a test keeps the two in step).
     def __init__(
         self,
         checkpoint: str,
@@ -213,130 +280,18 @@ class DiffusionFeatures(FeatureSource):
     ) -> None:
         path = latest_checkpoint(checkpoint)
         module = load_diffusion(path)
-        super().__init__()
-        unet = module.ema if weights == "ema" else module.unet
-        self._build(
-            unet, module.schedule, layers, timesteps, pooling, pool_size, noise_draws, seed,
+        config = DiffusionSettings(
+            layers, timesteps, pooling, pool_size, noise_draws, seed,
             stack_timesteps, concat_timesteps, micro_batch,
         )  # fmt: skip
-        self.init_args = {
-            "checkpoint": os.path.abspath(path), "layers": list(layers),
-            "timesteps": [int(t) for t in timesteps], "pooling": pooling, "pool_size": pool_size,
-            "noise_draws": noise_draws, "seed": seed, "stack_timesteps": stack_timesteps,
-            "concat_timesteps": concat_timesteps, "micro_batch": micro_batch, "weights": weights,
-        }  # fmt: skip
+        super().__init__(module.ema if weights == "ema" else module.unet, module.schedule, config)
+        self.init_args = config.init_args(os.path.abspath(path), weights)
 
-    @classmethod
-    def from_unet(
-        cls, unet: UNet, schedule: NoiseSchedule, **settings: object
-    ) -> DiffusionFeatures:
+    @staticmethod
+    def from_unet(unet: UNet, schedule: NoiseSchedule, **settings: object) -> UNetFeatures:
         """A feature source over a U-Net in memory; ``settings`` and their defaults are those of
         ``__init__`` (without ``checkpoint`` and ``weights``)."""
-        defaults = {
-            name: parameter.default
-            for name, parameter in inspect.signature(cls.__init__).parameters.items()
-            if parameter.default is not inspect.Parameter.empty and name != "weights"
-        }
-        source = cls.__new__(cls)
-        FeatureSource.__init__(source)
-        source._build(unet, schedule, **(defaults | settings))
-        return source
-
-    def _build(
-        self,
-        unet: UNet,
-        schedule: NoiseSchedule,
-        layers: Sequence[str | int],
-        timesteps: Sequence[int],
-        pooling: Pooling,
-        pool_size: int,
-        noise_draws: int,
-        seed: int,
-        stack_timesteps: bool,
-        concat_timesteps: bool,
-        micro_batch: int,
-    ) -> None:
-        schedule.check(list(timesteps))
-        if noise_draws < 1:
-            raise ValueError(f"noise_draws must be at least 1, got {noise_draws}")
-        pool(torch.zeros(1, 1, 1, 1), pooling, pool_size)  # rejects an unknown pooling now
-        self.unet = unet.eval().requires_grad_(False)
-        self.schedule = schedule
-        self.layers = resolve_layers(unet, layers)
-        self.timesteps = [int(t) for t in timesteps]
-        self.pooling, self.pool_size = pooling, pool_size
-        self.noise_draws, self.seed = noise_draws, seed
-        self.stack_timesteps, self.concat_timesteps = stack_timesteps, concat_timesteps
-        self.micro_batch = micro_batch
-        self.keys = (
-            [(layer, None) for layer in self.layers]
-            if concat_timesteps
-            else [(layer, t) for t in self.timesteps for layer in self.layers]
-        )
-
-    def settings(self) -> dict:
-        return {
-            "source": "diffusion",
-            "layers": self.layers,
-            "timesteps": self.timesteps,
-            "pooling": self.pooling,
-            "pool_size": self.pool_size,
-            "noise_draws": self.noise_draws,
-            "seed": self.seed,
-            "concat_timesteps": self.concat_timesteps,
-            "schedule": [self.schedule.kind, self.schedule.timesteps],
-        }
-
-    def feature_dims(self) -> dict[FeatureKey, int]:
-        def per_channel(layer: str) -> int:
-            if self.pooling == "tokens":  # one value per position
-                return self.unet.info[layer].resolution ** 2
-            return {"avg": 1, "avg_std": 2, "adaptive": self.pool_size**2}[self.pooling]
-
-        times = len(self.timesteps) if self.concat_timesteps else 1
-        return {
-            (layer, t): self.unet.info[layer].channels * per_channel(layer) * times
-            for layer, t in self.keys
-        }
-
-    def token_channels(self) -> dict[FeatureKey, int]:
-        """The channels of each key's tokens (its features are positions x channels), for an
-        attention-pooling head."""
-        if self.pooling != "tokens" or self.concat_timesteps:
-            raise ValueError(
-                "an attention-pooling head reads a layer's spatial tokens: set the features' "
-                "pooling: tokens (and concat_timesteps: false)"
-            )
-        return {(layer, t): self.unet.info[layer].channels for layer, t in self.keys}
-
-    def micro_batch_features(
-        self, images: torch.Tensor, indices: torch.Tensor
-    ) -> dict[FeatureKey, torch.Tensor]:
-        sums: dict[FeatureKey, torch.Tensor] = {}
-        for draw in range(self.noise_draws):
-            noised, steps = [], []
-            for t in self.timesteps:
-                noise = per_image_noise(indices, t, self.seed, images.shape[1:], draw).to(images)
-                t_batch = torch.full((len(images),), t, device=images.device, dtype=torch.long)
-                noised.append(self.schedule.q_sample(images, t_batch, noise))
-                steps.append(t_batch)
-            groups = (
-                [(torch.cat(noised), torch.cat(steps), self.timesteps)]
-                if self.stack_timesteps
-                else [(x, s, [t]) for x, s, t in zip(noised, steps, self.timesteps, strict=True)]
-            )
-            for x, s, group_timesteps in groups:
-                for layer, h in capture(self.unet, x, s, self.layers).items():
-                    pooled = pool(h.float(), self.pooling, self.pool_size)
-                    for chunk, t in zip(pooled.split(len(images)), group_timesteps, strict=True):
-                        key = (layer, t)
-                        sums[key] = sums[key] + chunk if key in sums else chunk
-        if self.concat_timesteps:
-            sums = {
-                (layer, None): torch.cat([sums[(layer, t)] for t in self.timesteps], dim=1)
-                for layer in self.layers
-            }
-        return {key: sums[key] / self.noise_draws for key in self.keys}
+        return UNetFeatures(unet, schedule, DiffusionSettings(**settings))
 
 
 class EncoderFeatures(FeatureSource):

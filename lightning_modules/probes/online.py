@@ -26,7 +26,7 @@ from sklearn.preprocessing import StandardScaler
 from datamodules.store import staging_path
 
 from ..diffusion.module import DiffusionModule
-from .features import DiffusionFeatures, FeatureKey
+from .features import DiffusionFeatures, FeatureKey, UNetFeatures
 
 BEST_PROBE_CHECKPOINT = "best_probe.ckpt"
 
@@ -110,7 +110,7 @@ class OnlineProbe(L.Callback):
         return scores
 
     def _features(
-        self, features: DiffusionFeatures, datamodule: object, split: str, count: int
+        self, features: UNetFeatures, datamodule: object, split: str, count: int
     ) -> tuple[dict[FeatureKey, np.ndarray], np.ndarray]:
         dataset = datamodule.dataset(split)
         spread = np.linspace(0, len(dataset) - 1, min(count, len(dataset))).round()
