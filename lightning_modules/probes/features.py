@@ -25,6 +25,7 @@ from ..diffusion.module import load_diffusion
 from ..diffusion.noise_schedule import NoiseSchedule
 from ..diffusion.per_image_noise import per_image_noise
 from ..diffusion.unet import UNet
+from ..registry import BASELINES, METHODS, method_of
 from .unet_blocks import Pooling, capture, pool, resolve_layers
 
 # (layer, timestep); encoders without timesteps use (name, None).
@@ -312,9 +313,6 @@ class EncoderFeatures(FeatureSource):
     KEY: FeatureKey = ("embedding", None)
 
     def __init__(self, checkpoint: str, micro_batch: int = 16, weights: str = "auto") -> None:
-        # The registry imports this module: it is read when a source is built, not at import.
-        from lightning_modules import BASELINES, METHODS, method_of
-
         super().__init__()
         path = latest_checkpoint(checkpoint)
         saved = load_checkpoint(path)
