@@ -12,7 +12,7 @@ from datamodules import PlanktonDataModule
 from lightning_modules import PixelFeatures, ProbeModule
 from lightning_modules.probes.feature_cache import load_or_extract
 from lightning_modules.probes.grid_metrics import GridConfusion, grid_scores
-from lightning_modules.probes.probe import LBFGS_DECAY_GRID
+from lightning_modules.probes.solver import LBFGS_DECAY_GRID
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_online_and_cached_give_the_same_metrics(planted_root, tmp_path):
     cached, _ = _fit(planted_root, tmp_path / "cached", epochs=4, mode="cached", solver="adamw")
     online, _ = _fit(planted_root, tmp_path / "online", epochs=4, mode="online")
     assert torch.allclose(cached.val_macro_f1, online.val_macro_f1, atol=1e-6)
-    assert torch.allclose(cached.weight, online.weight, atol=1e-5)
+    assert torch.allclose(cached.heads.weight, online.heads.weight, atol=1e-5)
     cached_rows = [(r["layer"], r["split"], r["accuracy"]) for r in _rows(tmp_path / "cached")]
     online_rows = [(r["layer"], r["split"], r["accuracy"]) for r in _rows(tmp_path / "online")]
     assert cached_rows == online_rows
@@ -110,7 +110,7 @@ def test_raw_pixels_are_a_feature_source_probed_by_logistic_regression(planted_r
     probe, trainer = _fit(
         planted_root, tmp_path, epochs=2, features=PixelFeatures(), solver="lbfgs"
     )
-    assert probe.keys == [("pixels", None)] and probe.weight.shape[1] == 64
+    assert probe.keys == [("pixels", None)] and probe.heads.weight.shape[1] == 64
     assert probe.val_acc[0] == pytest.approx(1.0)
     assert trainer.callback_metrics["test/best_acc"] == pytest.approx(1.0)
     images = torch.rand(3, 1, 8, 8)
@@ -125,7 +125,10 @@ def test_lbfgs_reaches_the_scikit_learn_logistic_regression_solution(planted_roo
                     solver="lbfgs", weight_decay=decay)  # fmt: skip
     data = probe.trainer.datamodule
     standardized = [
-        ((probe._cached[split][:, 0].float() - probe.mean[0]) / probe.std[0]).numpy()
+        (
+            (probe.inputs.cached[split][:, 0].float() - probe.normalization.mean[0])
+            / probe.normalization.std[0]
+        ).numpy()
         for split in ("train", "val")
     ]
     labels = np.asarray(data.dataset("train").labels)
@@ -133,7 +136,7 @@ def test_lbfgs_reaches_the_scikit_learn_logistic_regression_solution(planted_roo
     reference.fit(standardized[0], labels)
     expected = reference.predict_proba(standardized[1])
     with torch.no_grad():
-        logits = probe.logits(probe._cached["val"].float().transpose(0, 1))[0]
+        logits = probe.logits(probe.inputs.cached["val"].float().transpose(0, 1))[0]
     np.testing.assert_allclose(logits.softmax(-1).numpy(), expected, atol=2e-3)
 
 
