@@ -278,3 +278,38 @@ def test_the_attention_head_needs_one_key_of_tokens_and_a_gradient_solver(plante
     with pytest.raises(ValueError, match="not a convex problem: use solver adamw or sgd"):
         ProbeModule(PlantedTokens(), head="attention", solver="lbfgs", num_classes=CLASSES,
                     image_size=8, class_names=[str(c) for c in range(CLASSES)])  # fmt: skip
+
+
+# The state-dict entries of a probe checkpoint written before the heads and the normalization
+# were modules of their own (besides the feature source's).
+OLD_LAYOUT = {
+    "valid", "mean", "std", "weight", "bias", "log_prior", "class_weight", "val_acc",
+    "val_macro_f1", "converged", "previous_loss", "weight_decay", "fusion_keys",
+    "fusion_weight", "fusion_bias",
+}  # fmt: skip
+NORM = {"norm.running_mean", "norm.running_var", "norm.num_batches_tracked"}
+
+
+@pytest.mark.parametrize(
+    "features, settings, old_keys",
+    [
+        (PlantedFeatures, {"standardize": "batchnorm"}, OLD_LAYOUT | NORM),
+        (PlantedTokens, {"head": "attention"}, OLD_LAYOUT | {"query"}),
+    ],
+)
+def test_a_checkpoint_of_the_old_layout_loads_into_the_heads(features, settings, old_keys):
+    def probe():
+        return ProbeModule(features(), num_classes=CLASSES, image_size=8, **settings)
+
+    torch.manual_seed(0)
+    saved = {
+        name: torch.rand_like(t.float()).to(t.dtype) for name, t in probe().state_dict().items()
+    }
+    old = {
+        name.removeprefix("heads.").removeprefix("normalization."): tensor
+        for name, tensor in saved.items()
+    }
+    assert set(old) - {"features.scale"} == old_keys
+    loaded = probe()
+    loaded.load_state_dict(old)  # strict: every entry finds its place
+    assert all(torch.equal(loaded.state_dict()[name], t) for name, t in saved.items())
