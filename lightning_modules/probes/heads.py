@@ -1,7 +1,7 @@
 """The probe's heads: the normalization of every key's features ``(keys, batch, width)``, and
 plain modules from those to logits ``(keys, batch, classes)``.
 
-The heads take ``weight`` and ``bias`` in place of their own parameters (tensors of their
+The heads may be given ``weight`` and ``bias`` in place of their own parameters (tensors of their
 shapes): the solver fits copies, outside the module's gradient synchronisation under DDP.
 """
 
@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from .features import FeatureKey, FeatureSource
 
@@ -42,14 +42,14 @@ class FeatureNormalization(nn.Module):
         )
 
     @torch.no_grad()
-    def fit(self, x: torch.Tensor) -> None:
+    def fit(self, x: Tensor) -> None:
         """Standardize by the mean and std of ``x`` ``(keys, N, width)``, the training set."""
         mean = x.double().mean(dim=1)
         std = x.double().std(dim=1, correction=0)
         self.mean.copy_(mean * self.valid)
         self.std.copy_(torch.where(self.valid & (std > 1e-6), std, 1.0))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         if self.standardize == "train":
             x = (x - self.mean[:, None]) / self.std[:, None]
         elif self.norm is not None:
@@ -72,16 +72,13 @@ class LinearHeads(nn.Module):
         self.bias = nn.Parameter(torch.zeros(heads, classes))
 
     def forward(
-        self,
-        x: torch.Tensor,
-        weight: torch.Tensor | None = None,
-        bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        self, x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None
+    ) -> Tensor:
         weight = self.weight if weight is None else weight
         bias = self.bias if bias is None else bias
         return torch.baddbmm(bias[:, None], self.pool(x), weight)
 
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
+    def pool(self, x: Tensor) -> Tensor:
         """What the linear layer reads: the features themselves."""
         return x
 
@@ -115,7 +112,7 @@ class AttentionHead(LinearHeads):
             )
         return cls(features.token_channels()[keys[0]], classes)
 
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
+    def pool(self, x: Tensor) -> Tensor:
         """``(1, batch, positions x channels)`` tokens to ``(1, batch, channels)``: their
         average weighted by a softmax over positions of each token's match with the query."""
         keys, batch, _ = x.shape

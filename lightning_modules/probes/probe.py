@@ -52,7 +52,7 @@ class ProbeModule(CalibratedClassifier):
         weight_decay: L2 penalty on the head weights (decoupled for AdamW, in the loss for
             SGD and L-BFGS). With L-BFGS a list is a grid: every head is fitted at each decay
             and the decay whose best head scores highest on validation is kept, one for all
-            heads. None: ``LBFGS_DECAY_GRID`` for L-BFGS, else 1e-4.
+            heads. None: ``solver.LBFGS_DECAY_GRID`` for L-BFGS, else 1e-4.
         standardize: ``train`` (mean and std of each feature over the training set),
             ``batchnorm`` (a BatchNorm without affine parameters) or ``none``.
         l2_normalize: scale each key's feature vector to unit length (after standardizing).
