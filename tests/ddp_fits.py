@@ -100,7 +100,11 @@ def fit_probe(out: Path, devices: int) -> None:
     trainer = _trainer(out / f"run{devices}", devices, max_epochs=2)
     trainer.fit(probe, data)
     if trainer.is_global_zero:
-        scores = {"acc": probe.val_acc, "macro_f1": probe.val_macro_f1, "weight": probe.weight}
+        scores = {
+            "acc": probe.val_acc,
+            "macro_f1": probe.val_macro_f1,
+            "weight": probe.heads.weight,
+        }
         torch.save({k: v.detach().cpu() for k, v in scores.items()}, out / f"scores{devices}.pt")
 
 

@@ -12,7 +12,7 @@ from datamodules import PlanktonDataModule
 from lightning_modules import PixelFeatures, ProbeModule
 from lightning_modules.probes.feature_cache import load_or_extract
 from lightning_modules.probes.grid_metrics import GridConfusion, grid_scores
-from lightning_modules.probes.probe import LBFGS_DECAY_GRID
+from lightning_modules.probes.solver import LBFGS_DECAY_GRID
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_online_and_cached_give_the_same_metrics(planted_root, tmp_path):
     cached, _ = _fit(planted_root, tmp_path / "cached", epochs=4, mode="cached", solver="adamw")
     online, _ = _fit(planted_root, tmp_path / "online", epochs=4, mode="online")
     assert torch.allclose(cached.val_macro_f1, online.val_macro_f1, atol=1e-6)
-    assert torch.allclose(cached.weight, online.weight, atol=1e-5)
+    assert torch.allclose(cached.heads.weight, online.heads.weight, atol=1e-5)
     cached_rows = [(r["layer"], r["split"], r["accuracy"]) for r in _rows(tmp_path / "cached")]
     online_rows = [(r["layer"], r["split"], r["accuracy"]) for r in _rows(tmp_path / "online")]
     assert cached_rows == online_rows
@@ -110,7 +110,7 @@ def test_raw_pixels_are_a_feature_source_probed_by_logistic_regression(planted_r
     probe, trainer = _fit(
         planted_root, tmp_path, epochs=2, features=PixelFeatures(), solver="lbfgs"
     )
-    assert probe.keys == [("pixels", None)] and probe.weight.shape[1] == 64
+    assert probe.keys == [("pixels", None)] and probe.heads.weight.shape[1] == 64
     assert probe.val_acc[0] == pytest.approx(1.0)
     assert trainer.callback_metrics["test/best_acc"] == pytest.approx(1.0)
     images = torch.rand(3, 1, 8, 8)
@@ -125,7 +125,10 @@ def test_lbfgs_reaches_the_scikit_learn_logistic_regression_solution(planted_roo
                     solver="lbfgs", weight_decay=decay)  # fmt: skip
     data = probe.trainer.datamodule
     standardized = [
-        ((probe._cached[split][:, 0].float() - probe.mean[0]) / probe.std[0]).numpy()
+        (
+            (probe.inputs.cached[split][:, 0].float() - probe.normalization.mean[0])
+            / probe.normalization.std[0]
+        ).numpy()
         for split in ("train", "val")
     ]
     labels = np.asarray(data.dataset("train").labels)
@@ -133,7 +136,7 @@ def test_lbfgs_reaches_the_scikit_learn_logistic_regression_solution(planted_roo
     reference.fit(standardized[0], labels)
     expected = reference.predict_proba(standardized[1])
     with torch.no_grad():
-        logits = probe.logits(probe._cached["val"].float().transpose(0, 1))[0]
+        logits = probe.logits(probe.inputs.cached["val"].float().transpose(0, 1))[0]
     np.testing.assert_allclose(logits.softmax(-1).numpy(), expected, atol=2e-3)
 
 
@@ -275,3 +278,38 @@ def test_the_attention_head_needs_one_key_of_tokens_and_a_gradient_solver(plante
     with pytest.raises(ValueError, match="not a convex problem: use solver adamw or sgd"):
         ProbeModule(PlantedTokens(), head="attention", solver="lbfgs", num_classes=CLASSES,
                     image_size=8, class_names=[str(c) for c in range(CLASSES)])  # fmt: skip
+
+
+# The state-dict entries of a probe checkpoint written before the heads and the normalization
+# were modules of their own (besides the feature source's).
+OLD_LAYOUT = {
+    "valid", "mean", "std", "weight", "bias", "log_prior", "class_weight", "val_acc",
+    "val_macro_f1", "converged", "previous_loss", "weight_decay", "fusion_keys",
+    "fusion_weight", "fusion_bias",
+}  # fmt: skip
+NORM = {"norm.running_mean", "norm.running_var", "norm.num_batches_tracked"}
+
+
+@pytest.mark.parametrize(
+    "features, settings, old_keys",
+    [
+        (PlantedFeatures, {"standardize": "batchnorm"}, OLD_LAYOUT | NORM),
+        (PlantedTokens, {"head": "attention"}, OLD_LAYOUT | {"query"}),
+    ],
+)
+def test_a_checkpoint_of_the_old_layout_loads_into_the_heads(features, settings, old_keys):
+    def probe():
+        return ProbeModule(features(), num_classes=CLASSES, image_size=8, **settings)
+
+    torch.manual_seed(0)
+    saved = {
+        name: torch.rand_like(t.float()).to(t.dtype) for name, t in probe().state_dict().items()
+    }
+    old = {
+        name.removeprefix("heads.").removeprefix("normalization."): tensor
+        for name, tensor in saved.items()
+    }
+    assert set(old) - {"features.scale"} == old_keys
+    loaded = probe()
+    loaded.load_state_dict(old)  # strict: every entry finds its place
+    assert all(torch.equal(loaded.state_dict()[name], t) for name, t in saved.items())
