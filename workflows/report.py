@@ -388,19 +388,17 @@ def _summary(layout: RunLayout, settings: ExperimentSettings, records: list[dict
 
 
 def _absent_eval_sets(summary: dict) -> list[str]:
-    """One line when the data lacks a test split or any evaluation set (every regime has the
-    same ones); none for runs of earlier versions, whose summaries do not list them."""
-    if "eval_sets" not in summary or "test" in summary["eval_sets"]:
+    """One line when the data lacks a test split or any evaluation set (the same in every regime;
+    none for runs of earlier versions, whose summaries do not list them)."""
+    eval_sets = summary.get("eval_sets", ["test"])
+    if "test" in eval_sets:
         return []
-    if not summary["eval_sets"]:
-        return [
-            "- **No evaluation set in the data** (no test split, no out-of-distribution set): "
-            "the runs are trained but nothing is scored."
-        ]
+    if not eval_sets:
+        return ["- **No evaluation set in the data**: the runs are trained, nothing is scored."]
     return [
         f"- **No test split in the data**: the tables show the evaluation sets it has "
-        f"({', '.join(summary['eval_sets'])}); the drops from test, the per-class F1, the "
-        "confusion matrix and the planted count check need it and are left out."
+        f"({', '.join(eval_sets)}); the drops from test, the per-class F1, the confusion matrix "
+        "and the planted count check need it and are left out."
     ]
 
 
