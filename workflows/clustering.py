@@ -17,6 +17,20 @@ from .lightning_cli import PlanktonCLI
 SCORES = ("nmi", "ari", "purity")
 
 
+def clustering_split(requested: str, summary: dict) -> str | None:
+    """The split an experiment clusters: ``requested``, or, when the data has that split but no
+    image in it (a season split has no test), the first evaluation set it has, so the stage
+    still compares the feature sources; None when the data has no evaluation set at all.
+
+    ``summary`` is the data stage's summary of the pretraining regime. A split the data does not
+    know is kept: reading it names the valid ones.
+    """
+    counts = summary["counts"].get(requested)
+    if counts is None or sum(counts.values()):
+        return requested
+    return next(iter(summary.get("eval_sets", ())), None)  # none in runs of earlier versions
+
+
 def cluster_features(
     config: str | Path,
     out: str | Path,

@@ -40,7 +40,7 @@ from lightning_modules.common.figures import save_grid
 from lightning_modules.common.flops import StepFlops
 from lightning_modules.common.run_lock import FolderLock
 
-from .clustering import cluster_features
+from .clustering import cluster_features, clustering_split
 from .distributed import GatheredPredictions, Processes, launch_processes
 from .experiment_config import Experiment, MethodRun
 from .layout import (
@@ -95,10 +95,10 @@ class WallClock(L.Callback):
 def _abundance(quantifier: Quantifier, predictions: dict[str, tuple]) -> dict[str, dict]:
     """Every estimator's counts on every labelled set against its true class mix; for each
     set beside ``test``, also their errors at the same class mix planted on the test images
-    (``planted_error``), where only the priors change."""
+    (``planted_error``), where only the priors change: none when the data has no test split."""
     counted = {name: abundance_errors(quantifier, *pair) for name, pair in predictions.items()}
     for name, result in counted.items():
-        if name != "test":
+        if name != "test" and "test" in predictions:
             labels = predictions[name][1]
             counts = np.bincount(labels, minlength=quantifier.num_classes)
             result["planted_error"] = planted_shift_errors(quantifier, *predictions["test"], counts)
@@ -301,7 +301,8 @@ class ExperimentRunner:
             datamodule = datamodule_from_config(
                 self.experiment.data, **self.experiment.data_overrides, regime=regime
             )
-            summary = datamodule.summary.as_dict()
+            # The eval sets with images: the clustering stage and the report name what is absent.
+            summary = {**datamodule.summary.as_dict(), "eval_sets": datamodule.eval_set_names}
             write_json(self.layout.data_summary(regime), summary)
             counts = {split: sum(c.values()) for split, c in summary["counts"].items()}
             self.log(f"  {regime}: {len(summary['classes'])} classes, images per set {counts}")
@@ -353,18 +354,21 @@ class ExperimentRunner:
                     self.finish(run)
 
     def _evaluate(self, cli: object, run: str, regime: str, method: str) -> None:
-        """Test on every eval set, then keep the test predictions for the report's per-class F1
-        and confusion matrix."""
+        """Test on every eval set the data has, then keep the test predictions (when there is a
+        test split) for the report's per-class F1 and confusion matrix. Without any eval set the
+        run is recorded with no scores: the report says what is absent."""
         trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
-        trainer.test(model, datamodule, verbose=False)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "/f1/" not in k}
-        predictions = {name: self._predict(trainer, model, datamodule, name)
-                       for name in datamodule.eval_set_names}  # fmt: skip
+        eval_sets, metrics = datamodule.eval_set_names, {}
+        if eval_sets:
+            trainer.test(model, datamodule, verbose=False)
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "/f1/" not in k}
+        predictions = {name: self._predict(trainer, model, datamodule, name) for name in eval_sets}
         if not self.processes.is_zero:
             return
-        probabilities, labels = predictions["test"]
         folder = self.layout.run(run)
-        np.savez(folder / TEST_PREDICTIONS, probabilities=probabilities, labels=labels)
+        if "test" in predictions:
+            probabilities, labels = predictions["test"]
+            np.savez(folder / TEST_PREDICTIONS, probabilities=probabilities, labels=labels)
         calibration = model.calibrations["classify"]
         best_key = getattr(model, "best_key", None)
         write_json(
@@ -372,7 +376,7 @@ class ExperimentRunner:
             {
                 "method": method,
                 "regime": regime,
-                "eval_sets": datamodule.eval_set_names,
+                "eval_sets": eval_sets,
                 "class_names": list(datamodule.class_names),
                 "train_counts": datamodule.class_counts.tolist(),
                 "metrics": metrics,
@@ -404,6 +408,17 @@ class ExperimentRunner:
             return
         experiment = self.experiment
         regime = experiment.pretrain_regime
+        requested = experiment.clustering_split
+        # Every regime has the same evaluation sets: a regime changes only the training split.
+        split = clustering_split(
+            requested, read_json(self.layout.data_summary(experiment.regimes[0]))
+        )
+        write_json(self.layout.clustering_split, {"requested": requested, "split": split})
+        if split is None:
+            self.log("  no evaluation set in the data: nothing to cluster")
+            return
+        if split != requested:
+            self.log(f"  the {requested} split has no images: k-means on {split}")
         for name, (method, checkpoint) in self.feature_sources(regime).items():
             settings = {
                 **self.data_settings(regime),
@@ -414,7 +429,7 @@ class ExperimentRunner:
             cluster_features(
                 method.config,
                 self.layout.clustering(name),
-                experiment.clustering_split,
+                split,
                 overrides=cli_arguments(settings),
             )
 

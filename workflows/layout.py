@@ -7,6 +7,7 @@ the runner that writes them and the report that reads them.
                                compute.json, and for an evaluated run results.json and
                                test_predictions.npz (a probe also writes probe_results.csv)
     clustering/<source>/       the k-means scores of one feature source
+    clustering/split.json      the split clustered (another than asked when that one is absent)
     figures/, report.md, results.csv, results.json
 """
 
@@ -88,3 +89,7 @@ class RunLayout:
 
     def clustering(self, source: str) -> Path:
         return self.stage("clustering") / source
+
+    @property
+    def clustering_split(self) -> Path:
+        return self.stage("clustering") / "split.json"

@@ -135,10 +135,11 @@ def _main_tables(records: list[dict]) -> list[str]:
                     cells.append(shown)
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    lines.append(
-        "Out-of-distribution cells show, in brackets, the change from the test split of the same "
-        "method (negative: a drop)."
-    )
+    if any(r["drop_from_test"] is not None for r in records):
+        lines.append(
+            "Out-of-distribution cells show, in brackets, the change from the test split of the "
+            "same method (negative: a drop)."
+        )
     return lines + [""]
 
 
@@ -170,7 +171,17 @@ def _resolution_table(layout: RunLayout, regime: str, info: dict) -> list[str]:
 
 
 def _clustering_table(layout: RunLayout, settings: ExperimentSettings) -> list[str]:
-    lines = ["| features | key | NMI | ARI | purity |", "|---|---|---|---|---|"]
+    clustered = read_json(layout.clustering_split)  # {} in runs of earlier versions
+    if clustered and clustered["split"] is None:
+        return ["No evaluation set in the data: nothing was clustered.", ""]
+    lines = []
+    if clustered and clustered["split"] != clustered["requested"]:
+        lines += [
+            f"k-means on the `{clustered['split']}` split (the data has no "
+            f"`{clustered['requested']}` images).",
+            "",
+        ]
+    lines += ["| features | key | NMI | ARI | purity |", "|---|---|---|---|---|"]
     found = False
     for source in ("diffusion", *settings.baseline_names, "pixels"):
         path = layout.clustering(source) / "clustering.csv"
@@ -353,6 +364,7 @@ def _summary(layout: RunLayout, settings: ExperimentSettings, records: list[dict
         if summary:
             counts = ", ".join(f"{s} {sum(c.values())}" for s, c in summary["counts"].items())
             lines.append(f"- **{regime}**: {len(summary['classes'])} classes; images: {counts}")
+    lines += _absent_eval_sets(read_json(layout.data_summary(settings.regimes[0])))
     methods = [METHODS[m] for m in ("diffusion", *settings.baseline_names)]
     label_free = [m.display_name for m in methods if not m.per_regime]
     trained_per_regime = [m.display_name for m in methods if m.per_regime]
@@ -373,6 +385,21 @@ def _summary(layout: RunLayout, settings: ExperimentSettings, records: list[dict
     if missing:
         lines += [f"Not in the tables (not evaluated yet): {', '.join(missing)}.", ""]
     return lines
+
+
+def _absent_eval_sets(summary: dict) -> list[str]:
+    """One line when the data lacks a test split or any evaluation set (the same in every regime;
+    none for runs of earlier versions, whose summaries do not list them)."""
+    eval_sets = summary.get("eval_sets", ["test"])
+    if "test" in eval_sets:
+        return []
+    if not eval_sets:
+        return ["- **No evaluation set in the data**: the runs are trained, nothing is scored."]
+    return [
+        f"- **No test split in the data**: the tables show the evaluation sets it has "
+        f"({', '.join(eval_sets)}); the drops from test, the per-class F1, the confusion matrix "
+        "and the planted count check need it and are left out."
+    ]
 
 
 def _diffusion_features(layout: RunLayout, settings: ExperimentSettings) -> list[str]:

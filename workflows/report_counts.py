@@ -102,6 +102,14 @@ def _abundance_tables(classifiers: list[Classifier]) -> list[str]:
     counted = [c for c in classifiers if c.results.get("abundance")]
     if not counted:
         return []
+    eval_sets = dict.fromkeys(name for c in counted for name in c.results["abundance"])
+    test_note = (  # data split by season has no test split
+        " `test`, held out from the training images, comes first as the in-distribution "
+        "reference; the balanced regime caps the training images per class, so even test's "
+        "class mix differs from its training's."
+        if "test" in eval_sets
+        else ""
+    )
     lines = [
         "### Counts under a change of class mix",
         "",
@@ -109,12 +117,9 @@ def _abundance_tables(classifiers: list[Classifier]) -> list[str]:
         "classifier's calibrated predictions (0: exact; the share of images that would have to "
         "change class), lowest per row in bold. cc counts predicted classes; acc and pacc "
         "correct the (probabilistic) counts by the validation misclassification rates; emq "
-        "re-estimates the class priors by EM (Saerens et al. 2002). `test`, held out from the "
-        "training images, comes first as the in-distribution reference; the balanced regime caps "
-        "the training images per class, so even test's class mix differs from its training's.",
+        "re-estimates the class priors by EM (Saerens et al. 2002)." + test_note,
         "",
     ]
-    eval_sets = dict.fromkeys(name for c in counted for name in c.results["abundance"])
     for eval_set in sorted(eval_sets, key=lambda name: name != "test"):
         reference = " (in-distribution reference)" if eval_set == "test" else ""
         lines += [
