@@ -7,18 +7,22 @@ from __future__ import annotations
 import glob
 import json
 import shutil
+import sys
+from argparse import ArgumentError
 from pathlib import Path
 
-import yaml
 from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch import LightningModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from datamodules import PlanktonDataModule
 from lightning_modules.common.module import load_checkpoint
 from lightning_modules.common.trainer import PlanktonTrainer
+
+from .config_files import load_mapping, use_in_jsonargparse
+from .fit_config_keys import refuse_unknown_config_keys
 
 # Settings every model of the suite receives from the data (and keeps in its checkpoint).
 DATA_TO_MODEL = [
@@ -38,6 +42,7 @@ class PlanktonCLI(LightningCLI):
     """LightningCLI over the one PlanktonDataModule and any LightningModule of the suite."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        use_in_jsonargparse()
         super().__init__(
             model_class=LightningModule,
             datamodule_class=PlanktonDataModule,
@@ -55,6 +60,31 @@ class PlanktonCLI(LightningCLI):
             parser.link_arguments(
                 f"data.{data_setting}", f"model.init_args.{model_setting}", apply_on="instantiate"
             )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse as Lightning does; when the parse fails on an unknown key of a ``--config``
+        file, refuse it in one line naming the file and the closest valid key. Any other parse
+        error keeps jsonargparse's usage message (a mistake in a config file's YAML is refused
+        before, by ``config_files``)."""
+        parsers = [parser, *self._subcommand_parsers.values()]
+        for each in parsers:
+            each.exit_on_error = False
+        try:
+            super().parse_arguments(parser, args)
+            return
+        except ArgumentError as error:
+            refusal = error
+        finally:
+            for each in parsers:
+                each.exit_on_error = True
+        arguments = sys.argv[1:] if args is None else args
+        subcommand = None
+        if isinstance(arguments, list):
+            subcommand = next((a for a in arguments if a in self._subcommand_parsers), None)
+        if subcommand:
+            refuse_unknown_config_keys(self._subcommand_parsers[subcommand], arguments)
+        # The usage of the parser that refused the arguments, as without this method.
+        self._subcommand_parsers.get(subcommand, parser).error(str(refusal))
 
     def _parse_ckpt_path(self) -> None:
         """Read ``--ckpt_path`` with ``load_checkpoint`` before Lightning reads it: random bytes
@@ -184,7 +214,7 @@ def _logs_values(events: Path) -> bool:
 
 def model_settings_from_config(path: str | Path) -> dict:
     """The ``model.init_args`` of a model config, with the linked data settings filled in."""
-    content = yaml.safe_load(Path(path).read_text()) or {}
+    content = load_mapping(path)
     settings = dict((content.get("model") or {}).get("init_args") or {})
     data = datamodule_from_config(path, progress=False)
     settings.setdefault("in_chans", data.channels)
@@ -197,8 +227,8 @@ def datamodule_from_config(path: str | Path, **overrides: object) -> PlanktonDat
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config {path} does not exist")
-    content = yaml.safe_load(path.read_text()) or {}
-    data = content.get("data", content) if isinstance(content, dict) else None
+    content = load_mapping(path)
+    data = content.get("data", content)
     if isinstance(data, str):  # ``data: data/synthetic.yaml``, relative to the config
         return datamodule_from_config(path.parent / data, **overrides)
     if not isinstance(data, dict):
