@@ -66,7 +66,9 @@ class PlanktonCLI(LightningCLI):
         file, refuse it in one line naming the file and the closest valid key. Any other parse
         error keeps jsonargparse's usage message (a mistake in a config file's YAML is refused
         before, by ``config_files``)."""
-        parsers = [parser, *self._subcommand_parsers.values()]
+        # Without subcommands (``run=False``) the one parser holds every setting.
+        subcommand_parsers = getattr(self, "_subcommand_parsers", {})
+        parsers = [parser, *subcommand_parsers.values()]
         for each in parsers:
             each.exit_on_error = False
         try:
@@ -78,13 +80,14 @@ class PlanktonCLI(LightningCLI):
             for each in parsers:
                 each.exit_on_error = True
         arguments = sys.argv[1:] if args is None else args
-        subcommand = None
+        refusing = parser
         if isinstance(arguments, list):
-            subcommand = next((a for a in arguments if a in self._subcommand_parsers), None)
-        if subcommand:
-            refuse_unknown_config_keys(self._subcommand_parsers[subcommand], arguments)
+            subcommand = next((a for a in arguments if a in subcommand_parsers), None)
+            refusing = subcommand_parsers.get(subcommand, parser)
+            if subcommand or not subcommand_parsers:
+                refuse_unknown_config_keys(refusing, arguments)
         # The usage of the parser that refused the arguments, as without this method.
-        self._subcommand_parsers.get(subcommand, parser).error(str(refusal))
+        refusing.error(str(refusal))
 
     def _parse_ckpt_path(self) -> None:
         """Read ``--ckpt_path`` with ``load_checkpoint`` before Lightning reads it: random bytes
