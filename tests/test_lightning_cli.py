@@ -41,3 +41,14 @@ def test_the_overridden_lightning_methods_keep_their_shape(name):
     assert f"self.{name}(" in inspect.getsource(LightningCLI), (
         f"LightningCLI no longer calls self.{name}(): PlanktonCLI.{name} would be skipped"
     )
+
+
+def test_the_private_names_the_config_checks_read_are_still_there():
+    """``PlanktonCLI.parse_arguments`` finds the subcommand's parser in LightningCLI's
+    ``_subcommand_parsers``, and ``config_files`` the file jsonargparse is reading on its
+    ``config_load_stack``; without them a config file's mistake is no longer one line."""
+    from jsonargparse import _util as jsonargparse_util
+
+    assert "self._subcommand_parsers[" in inspect.getsource(LightningCLI)
+    stack = getattr(jsonargparse_util, "config_load_stack", None)
+    assert stack is not None and stack.get() == (), "jsonargparse's config_load_stack is gone"

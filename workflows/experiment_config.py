@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import lightning as L
-import yaml
 from lightning.pytorch.callbacks import Timer
 
 from datamodules import PlanktonDataModule
 from lightning_modules import BASELINES
 from lightning_modules.probes.online import BEST_PROBE_CHECKPOINT
 
+from .config_files import load_mapping
 from .layout import LAST_CHECKPOINT
 from .typed_mapping import read_mapping, refuse_unknown_keys
 
@@ -113,8 +113,7 @@ class ExperimentSettings:
 def read_settings(path: Path) -> tuple[ExperimentSettings, dict]:
     """The settings of an experiment config or of a run's ``experiment.json``, and the mapping
     they were read from."""
-    text = path.read_text()
-    source = (json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)) or {}
+    source = (json.loads(path.read_text()) or {}) if path.suffix == ".json" else load_mapping(path)
     return read_mapping(ExperimentSettings, source, str(path)), source
 
 
@@ -224,9 +223,9 @@ class Experiment:
     def launch_settings(self) -> dict:
         """The shared trainer settings (the diffusion config's ``trainer``) with the
         experiment's ``trainer_overrides``: what decides how many processes run it."""
-        trainer = yaml.safe_load(self.diffusion.config.read_text()).get("trainer") or {}
+        trainer = load_mapping(self.diffusion.config).get("trainer") or {}
         if isinstance(trainer, str):  # a config file, relative to the method's config
-            trainer = yaml.safe_load((self.diffusion.config.parent / trainer).read_text())
+            trainer = load_mapping(self.diffusion.config.parent / trainer)
         return {**trainer, **self.trainer_overrides}
 
 
@@ -283,7 +282,7 @@ def settings_with_absolute_paths(path: Path) -> dict:
     """An experiment config's settings with ``data`` and every method's ``config`` made absolute
     (they are relative to the file), so that a changed copy can be written anywhere."""
     path = Path(path)
-    settings = yaml.safe_load(path.read_text()) or {}
+    settings = load_mapping(path)
     folder = path.parent
     settings["data"] = str((folder / settings["data"]).resolve())
     probes = settings.get("probes") or {}

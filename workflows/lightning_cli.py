@@ -7,12 +7,13 @@ from __future__ import annotations
 import glob
 import json
 import shutil
+import sys
+from argparse import ArgumentError
 from pathlib import Path
 
-import yaml
 from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch import LightningModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
@@ -20,6 +21,9 @@ from datamodules import PlanktonDataModule
 from lightning_modules.common.module import load_checkpoint
 from lightning_modules.common.run_lock import LOCK_NAME
 from lightning_modules.common.trainer import PlanktonTrainer
+
+from .config_files import load_mapping, use_in_jsonargparse
+from .fit_config_keys import refuse_unknown_config_keys
 
 # Settings every model of the suite receives from the data (and keeps in its checkpoint).
 DATA_TO_MODEL = [
@@ -39,6 +43,7 @@ class PlanktonCLI(LightningCLI):
     """LightningCLI over the one PlanktonDataModule and any LightningModule of the suite."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        use_in_jsonargparse()
         super().__init__(
             model_class=LightningModule,
             datamodule_class=PlanktonDataModule,
@@ -56,6 +61,34 @@ class PlanktonCLI(LightningCLI):
             parser.link_arguments(
                 f"data.{data_setting}", f"model.init_args.{model_setting}", apply_on="instantiate"
             )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse as Lightning does; when the parse fails on an unknown key of a ``--config``
+        file, refuse it in one line naming the file and the closest valid key. Any other parse
+        error keeps jsonargparse's usage message (a mistake in a config file's YAML is refused
+        before, by ``config_files``)."""
+        # Without subcommands (``run=False``) the one parser holds every setting.
+        subcommand_parsers = getattr(self, "_subcommand_parsers", {})
+        parsers = [parser, *subcommand_parsers.values()]
+        for each in parsers:
+            each.exit_on_error = False
+        try:
+            super().parse_arguments(parser, args)
+            return
+        except ArgumentError as error:
+            refusal = error
+        finally:
+            for each in parsers:
+                each.exit_on_error = True
+        arguments = sys.argv[1:] if args is None else args
+        refusing = parser
+        if isinstance(arguments, list):
+            subcommand = next((a for a in arguments if a in subcommand_parsers), None)
+            refusing = subcommand_parsers.get(subcommand, parser)
+            if subcommand or not subcommand_parsers:
+                refuse_unknown_config_keys(refusing, arguments)
+        # The usage of the parser that refused the arguments, as without this method.
+        refusing.error(str(refusal))
 
     def _parse_ckpt_path(self) -> None:
         """Read ``--ckpt_path`` with ``load_checkpoint`` before Lightning reads it: random bytes
@@ -185,7 +218,7 @@ def _logs_values(events: Path) -> bool:
 
 def model_settings_from_config(path: str | Path) -> dict:
     """The ``model.init_args`` of a model config, with the linked data settings filled in."""
-    content = yaml.safe_load(Path(path).read_text()) or {}
+    content = load_mapping(path)
     settings = dict((content.get("model") or {}).get("init_args") or {})
     data = datamodule_from_config(path, progress=False)
     settings.setdefault("in_chans", data.channels)
@@ -198,8 +231,8 @@ def datamodule_from_config(path: str | Path, **overrides: object) -> PlanktonDat
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config {path} does not exist")
-    content = yaml.safe_load(path.read_text()) or {}
-    data = content.get("data", content) if isinstance(content, dict) else None
+    content = load_mapping(path)
+    data = content.get("data", content)
     if isinstance(data, str):  # ``data: data/synthetic.yaml``, relative to the config
         return datamodule_from_config(path.parent / data, **overrides)
     if not isinstance(data, dict):
