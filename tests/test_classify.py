@@ -1,6 +1,9 @@
 import csv
+import errno
+import os
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -456,3 +459,45 @@ def test_testing_an_old_checkpoint_adds_its_calibration(supervised, uncalibrated
     # The same weights on the same validation split: the same calibration as at training's end.
     assert added["temperature"] == pytest.approx(original["temperature"], rel=1e-4)
     assert np.allclose(added["quantifier"]["mean_probs"], original["quantifier"]["mean_probs"])
+
+
+def test_unwritable_outputs_are_refused_before_any_image_is_read(
+    strict, sample, tmp_path, monkeypatch
+):
+    # Root ignores file permissions: the refusal is simulated where the check writes.
+    locked = {tmp_path / "read_only", sample}
+    (tmp_path / "read_only").mkdir()
+    touch = Path.touch
+
+    def refuse(path: Path, *args: object, **kwargs: object) -> None:
+        if path.parent in locked:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        touch(path, *args, **kwargs)
+
+    def unread(*args):
+        raise AssertionError("an image was read before the refusal")
+
+    monkeypatch.setattr(Path, "touch", refuse)
+    monkeypatch.setattr("workflows.classify_sample.load_preprocessed", unread)
+    for out, ecotaxa, folder in ((tmp_path / "read_only" / "new" / "p.csv", False, "read_only"),
+                                 (tmp_path / "ok" / "p.csv", True, sample)):  # fmt: skip
+        with pytest.raises(PermissionError) as refused:
+            classify_folder(strict[0], sample, out, ecotaxa=ecotaxa)
+        assert refused.value.filename == str(out.parent if folder == "read_only" else sample)
+    assert not (tmp_path / "ok").exists() and not (tmp_path / "read_only" / "new").exists()
+
+
+def test_outputs_are_written_all_or_none(strict, sample, tmp_path, monkeypatch):
+    images = shutil.copytree(sample, tmp_path / "station")
+    out = tmp_path / "p.csv"
+
+    def full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path))
+
+    with monkeypatch.context() as patch:
+        patch.setattr("workflows.classify_outputs.write_counts", full)
+        with pytest.raises(OSError, match="No space left"):
+            classify_folder(strict[0], images, out, device=DEVICE, ecotaxa=True)
+    assert not out.exists() and not (images / "ecotaxa_p.tsv").exists()
+    summary = classify_folder(strict[0], images, out, device=DEVICE, ecotaxa=True)  # not refused
+    assert all(path.is_file() for path in summary.outputs.paths)

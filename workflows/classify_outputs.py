@@ -3,10 +3,11 @@ images and, on request, an EcoTaxa import table next to the images."""
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from datamodules.store import write_csv_atomic
+from datamodules.store import staging_path, write_csv_atomic
 from workflows.classify_sample import Prediction, Quantification
 from workflows.ecotaxa import PREFIX, SUFFIX, check_ecotaxa_name, write_ecotaxa_predictions
 
@@ -46,8 +47,10 @@ class ClassifyOutputs:
         return [path for path in paths if path is not None]
 
     def check(self, overwrite: bool) -> None:
-        """Refuse to write over a folder or (without ``overwrite``) any existing file: a
-        mistyped ``--out`` must not replace someone's data."""
+        """Before any image is read: refuse to write over a folder or (without ``overwrite``)
+        any existing file, as a mistyped ``--out`` must not replace someone's data; and make
+        sure every output's folder can be created and written (a read-only folder found after
+        hours of classifying wastes them)."""
         for path in self.paths:
             if path.is_dir():
                 raise ValueError(f"{path} is a folder; name a file with --out")
@@ -55,27 +58,66 @@ class ClassifyOutputs:
                 raise FileExistsError(
                     f"{path} exists; choose another --out or pass --overwrite to replace it"
                 )
+        for folder in dict.fromkeys(path.parent for path in self.paths):
+            _check_writable(folder)
+
+
+def _check_writable(folder: Path) -> None:
+    """Raise the OSError that says why ``folder`` cannot be written, naming it: a file is
+    created and removed at once in it, or in its nearest existing parent if it is yet to be
+    made (nothing is left behind if the run fails later)."""
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(existing))
+        probe = staging_path(existing / "write-check")
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(folder)) from None
 
 
 def write_outputs(
     outputs: ClassifyOutputs, prediction: Prediction, quantification: Quantification
 ) -> None:
-    """Write every file of ``outputs``, each atomically."""
+    """Write every file of ``outputs``, each atomically, all or none: when one fails, those
+    this call wrote are removed, so a re-run is not refused for a half set of outputs."""
     outputs.predictions.parent.mkdir(parents=True, exist_ok=True)
     labels = decisions(prediction, quantification)
-    write_predictions(outputs.predictions, prediction, labels)
-    write_counts(outputs.counts, prediction.classes, quantification)
-    write_csv_atomic(outputs.skipped, ["path", "reason"], prediction.skipped)
-    if outputs.ecotaxa:
-        write_ecotaxa_predictions(
-            outputs.ecotaxa,
-            prediction.names,
-            prediction.classes,
-            prediction.probabilities,
-            top_k=prediction.top_k,
-            object_ids=_object_ids(prediction.names),
-            labels=labels,
-        )
+    writers = [(outputs.predictions, lambda path: write_predictions(path, prediction, labels))]
+    writers.append(
+        (outputs.counts, lambda path: write_counts(path, prediction.classes, quantification))
+    )
+    writers.append((outputs.skipped, lambda path: write_skipped(path, prediction)))
+    if outputs.ecotaxa:  # first: it checks the most
+        writers.insert(0, (outputs.ecotaxa, lambda path: write_ecotaxa(path, prediction, labels)))
+    written: list[Path] = []
+    try:
+        for path, write in writers:
+            write(path)
+            written.append(path)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def write_skipped(path: Path, prediction: Prediction) -> None:
+    """The images that could not be read, with the reason."""
+    write_csv_atomic(path, ["path", "reason"], prediction.skipped)
+
+
+def write_ecotaxa(path: Path, prediction: Prediction, labels: list[str] | None) -> None:
+    """The EcoTaxa import table of the sample (status ``predicted``), next to its images."""
+    write_ecotaxa_predictions(
+        path,
+        prediction.names,
+        prediction.classes,
+        prediction.probabilities,
+        top_k=prediction.top_k,
+        object_ids=_object_ids(prediction.names),
+        labels=labels,
+    )
 
 
 def decisions(prediction: Prediction, quantification: Quantification) -> list[str] | None:
