@@ -15,6 +15,7 @@ from conftest import REPOSITORY
 
 from cli import main
 from lightning_modules.common.abundance import ESTIMATORS
+from lightning_modules.common.preemption import PREEMPTED_STATUS
 from workflows.experiment import ExperimentRunner
 from workflows.experiment_config import (
     Experiment,
@@ -62,7 +63,7 @@ def _wait_for(path, process, timeout=240):
         time.sleep(0.05)
 
 
-def test_smoke_experiment_killed_mid_stage_resumes_and_reports_every_method(tmp_path, capsys):
+def test_smoke_experiment_preempted_mid_stage_resumes_and_reports_every_method(tmp_path, capsys):
     out = tmp_path / "smoke"
     smoke = _smoke_config(tmp_path / "smoke.yaml")
     command = [sys.executable, "cli.py", "experiment", "--config", str(smoke), "--out", str(out)]
@@ -70,12 +71,13 @@ def test_smoke_experiment_killed_mid_stage_resumes_and_reports_every_method(tmp_
         command, cwd=REPOSITORY, env=dict(os.environ), stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    # Kill it inside the baselines stage, after the first epoch of a supervised run.
+    # Preempt it (SIGTERM, as a scheduler does) inside the baselines stage, after the first
+    # epoch of a supervised run: it saves the step it is at and says so in its exit status.
     interrupted = out / "runs" / "supervised_balanced"
     _wait_for(interrupted / "wall_time.json", process)
     _wait_for(interrupted / "checkpoints" / "last.ckpt", process)
-    process.kill()
-    process.wait()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait() == PREEMPTED_STATUS, process.stderr.read()[-3000:]
     assert not (interrupted / "done.json").exists(), "the run finished before the kill"
     assert not (out / "baselines" / "done.json").exists()
     completed = [out / "data" / "done.json", out / "diffusion" / "done.json"]
