@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# Two pytest workers of one thread each: most tests are Python-bound and single-threaded, so two
+# workers use both cores where one worker with two threads used one (TEST_WORKERS=0: in-process).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PYTHON) -m pytest -q
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # The whole protocol on the synthetic default (about 11 minutes on 2 CPU cores with native
 # bfloat16; README): data, diffusion and baselines pretraining, every probe, clustering and

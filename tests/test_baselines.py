@@ -228,6 +228,7 @@ def test_encoder_features_refuse_a_checkpoint_of_another_kind(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["supervised", "simclr"])
+@pytest.mark.xdist_group("ddp_fits")  # one worker launches the shared DDP fits
 def test_ddp_fit_on_two_processes_keeps_ranks_in_step(method, ddp_fits):
     ranks = [torch.load(ddp_fits / method / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0]["step"] == ranks[1]["step"] > 0

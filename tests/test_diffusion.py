@@ -309,6 +309,7 @@ def test_from_checkpoint_reads_the_ema_weights(tmp_path, trained_module):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ddp_fits")  # one worker launches the shared DDP fits
 def test_ddp_fit_keeps_ema_identical_on_both_ranks(ddp_fits):
     folder = ddp_fits / "diffusion"
     ranks = [torch.load(folder / f"ema_rank{r}.pt", weights_only=True) for r in (0, 1)]

@@ -216,6 +216,7 @@ def test_lbfgs_needs_cached_features():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ddp_fits")  # one worker launches the shared DDP fits
 def test_ddp_probe_matches_one_process(ddp_fits):
     tmp_path = ddp_fits / "probe"
     # Two ranks extracted a shard each: the joined cache equals one process's, bit for bit.
