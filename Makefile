@@ -35,7 +35,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PYTHON) benchmarks/data_loading.py
 	$(PYTHON) benchmarks/synthetic_difficulty.py
-	$(PYTHON) benchmarks/probe_sweep.py
+	$(PYTHON) benchmarks/probe_sweep.py  # --pairs 48 measures every pair (about 2 hours)
 	$(PYTHON) benchmarks/training_throughput.py
 	$(PYTHON) benchmarks/diffusion_throughput.py
 	$(PYTHON) benchmarks/online_probe.py
