@@ -67,12 +67,18 @@ def staging_path(path: Path) -> Path:
 def write_atomic(path: str | Path, write: Callable[[Path], T]) -> T:
     """Let ``write`` write the file at the path it is given, then rename that file to ``path``:
     a reader sees the old file or the whole new one, never a part. Returns what ``write``
-    returns; on an error the temporary is removed."""
+    returns; on an error the temporary is removed, and an error that names no file (a full
+    disk) is raised naming the folder."""
     path = Path(path)
     staging = staging_path(path)
     try:
         result = write(staging)
         os.replace(staging, path)
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        # A failed write() names no file ("No space left on device"): name the folder.
+        raise OSError(error.errno, error.strerror or str(error), str(path.parent)) from None
     finally:
         staging.unlink(missing_ok=True)
     return result

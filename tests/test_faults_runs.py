@@ -16,7 +16,8 @@ import pytest
 import torch
 from conftest import REPOSITORY
 
-from cli import main
+from cli import main, user_error
+from datamodules.store import write_text_atomic
 from lightning_modules.common import checkpoint_io
 from lightning_modules.common.module import load_checkpoint
 from lightning_modules.common.preemption import PREEMPTED_STATUS
@@ -179,3 +180,17 @@ def test_a_second_process_on_one_run_folder_is_refused(source, tmp_path, live_ho
     assert main(["fit", *TINY_FIT, *source, *logger]) == 2
     assert f"{run}: in use by process {live_holder} (plankton fit)" in capsys.readouterr().err
     assert not list(run.glob("**/*.ckpt"))
+
+
+def test_a_full_disk_names_the_folder_of_any_atomic_write(tmp_path, monkeypatch):
+    def full(self: Path, *args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")  # as write() raises it: no name
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError) as failed:
+        write_text_atomic(tmp_path / "results.json", "{}")
+    assert failed.value.filename == str(tmp_path)
+    message = user_error(failed.value)
+    assert message.startswith(f"{tmp_path}: No space left on device: free space there")
+    assert "PLANKTON_CACHE" in message and "--out" in message
+    assert not list(tmp_path.iterdir())  # no temporary left
