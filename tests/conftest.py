@@ -17,6 +17,22 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPOSITORY.parent / "shared" / "data"
 
 
+# The experiment tests' diffusion section: the smallest U-Net, one epoch (``{configs}`` is the
+# configs folder).
+TINY_DIFFUSION = """diffusion:
+  config: {configs}/diffusion.yaml
+  max_epochs: 1
+  overrides:
+    model.init_args.base_channels: 8
+    model.init_args.channel_mult: [1, 2]
+    model.init_args.num_res_blocks: 1
+    model.init_args.attention_resolutions: [8]
+    model.init_args.num_heads: 2
+    model.init_args.timesteps: 100
+    model.init_args.val_timesteps: [5]
+    model.init_args.sample_every_n_epochs: 0"""
+
+
 def write_class_folders(root: Path, per_class: int) -> Path:
     """``root/copepod`` and ``root/diatom``, each with ``per_class`` noise PNGs of different
     sizes (20 to 20 + per_class rows by 30 columns)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPOSITORY
+from conftest import REPOSITORY, TINY_DIFFUSION
 
 from cli import main
 from lightning_modules.common.abundance import ESTIMATORS
@@ -282,18 +282,7 @@ data_overrides:
 regimes: [long_tailed]
 trainer_overrides: {{{processes}precision: 32-true, enable_progress_bar: false,
                     enable_model_summary: false}}
-diffusion:
-  config: {configs}/diffusion.yaml
-  max_epochs: 1
-  overrides:
-    model.init_args.base_channels: 8
-    model.init_args.channel_mult: [1, 2]
-    model.init_args.num_res_blocks: 1
-    model.init_args.attention_resolutions: [8]
-    model.init_args.num_heads: 2
-    model.init_args.timesteps: 100
-    model.init_args.val_timesteps: [5]
-    model.init_args.sample_every_n_epochs: 0
+{diffusion}
 baselines: {baselines}
 probes:
   diffusion:
@@ -322,6 +311,7 @@ def _toy_experiment(path, processes="", supervised=True, pixels=True):
     path.write_text(
         TOY_EXPERIMENT.format(
             configs=configs, processes=processes, baselines=baselines if supervised else "{}",
+            diffusion=TINY_DIFFUSION.format(configs=configs),
             pixels=pixels_probe if pixels else "", decay=decay,
         )
     )  # fmt: skip

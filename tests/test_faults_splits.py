@@ -4,7 +4,7 @@ out-of-distribution set) runs every stage and reports what it has."""
 import csv
 import json
 
-from conftest import REPOSITORY
+from conftest import REPOSITORY, TINY_DIFFUSION
 
 from cli import main
 from workflows.clustering import clustering_split
@@ -17,18 +17,7 @@ data: {data}
 data_overrides: {{image_size: 16, batch_size: 8, max_per_class: 10, progress: false}}
 regimes: [long_tailed]
 trainer_overrides: {{precision: 32-true, enable_progress_bar: false, enable_model_summary: false}}
-diffusion:
-  config: {configs}/diffusion.yaml
-  max_epochs: 1
-  overrides:
-    model.init_args.base_channels: 8
-    model.init_args.channel_mult: [1, 2]
-    model.init_args.num_res_blocks: 1
-    model.init_args.attention_resolutions: [8]
-    model.init_args.num_heads: 2
-    model.init_args.timesteps: 100
-    model.init_args.val_timesteps: [5]
-    model.init_args.sample_every_n_epochs: 0
+{diffusion}
 baselines:  # a classifier itself: tested end to end in the baselines stage
   supervised:
     config: {configs}/supervised.yaml
@@ -77,7 +66,13 @@ def _season_split(folder):
 
 def test_an_experiment_without_a_test_split_runs_every_stage(tmp_path, capsys):
     config = tmp_path / "season.yaml"
-    config.write_text(EXPERIMENT.format(data=_season_split(tmp_path / "data"), configs=CONFIGS))
+    config.write_text(
+        EXPERIMENT.format(
+            data=_season_split(tmp_path / "data"),
+            configs=CONFIGS,
+            diffusion=TINY_DIFFUSION.format(configs=CONFIGS),
+        )
+    )
     out = tmp_path / "run"
     assert main(["experiment", "--config", str(config), "--out", str(out)]) == 0
     assert all((out / stage / "done.json").exists() for stage in STAGES)
