@@ -6,7 +6,7 @@ in the requested proportions. The split is therefore exactly stratified, identic
 machine, and stable when images are added: an old image changes split only when a new one lands
 before it at a class's boundary (at most two moves per added image).
 
-Small classes (documented in the README): one image goes to train; two images go one to train and
+Small classes (documented in docs/data.md): one image goes to train; two images go one to train and
 one to test; from three images on, every split with a non-zero fraction gets at least one.
 """
 

@@ -142,7 +142,7 @@ class SelfSupervisedModule(EvalSetClassifier):
             rank_zero_warn(
                 f"{type(self).__name__} looks collapsed after its last epoch: "
                 f"{'; '.join(collapsed)}. Its features carry little information about the "
-                "images: train longer, or see the README (baselines) for the small-image recipe"
+                "images: train longer, or see docs/methods.md (small-image recipes)"
             )
 
     def collapse_report(self) -> dict:
