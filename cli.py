@@ -36,6 +36,7 @@ from lightning_modules import DiffusionModule, load_diffusion
 from lightning_modules.common.figures import save_grid
 from workflows.caches import clean_caches, list_caches
 from workflows.classify import ESTIMATORS, classify_folder
+from workflows.classify_survey import classify_samples
 from workflows.clustering import cluster_features
 from workflows.experiment import STAGES, Experiment, ExperimentRunner
 from workflows.lightning_cli import PlanktonCLI, datamodule_from_config, model_settings_from_config
@@ -235,8 +236,17 @@ def report_command(argv: list[str]) -> int:
 def classify_command(argv: list[str]) -> int:
     parser = _parser("classify")
     parser.add_argument("--checkpoint", required=True, help="a supervised or probe checkpoint")
-    parser.add_argument("--images", required=True, help="a folder of images (subfolders too)")
-    parser.add_argument("--out", default="predictions.csv", help="CSV of the predictions")
+    inputs = parser.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--images", help="a folder of images (subfolders too): one sample")
+    inputs.add_argument(
+        "--samples", help="a folder whose subfolders are the samples, or a CSV manifest with "
+        "the columns sample_id,path",
+    )  # fmt: skip
+    parser.add_argument(
+        "--out", default="predictions.csv",
+        help="CSV of the predictions (the other outputs are named after it); with --samples, "
+        "also a folder",
+    )  # fmt: skip
     parser.add_argument("--top-k", type=int, default=3, help="labels per image")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument(
@@ -259,6 +269,8 @@ def classify_command(argv: list[str]) -> int:
         "--overwrite", action="store_true", help="replace --out and the files written with it"
     )
     args = parser.parse_args(argv)
+    if args.samples:
+        return _classify_survey(args)
     summary = classify_folder(
         args.checkpoint, args.images, args.out, args.top_k, args.batch_size,
         overwrite=args.overwrite, abundance=args.abundance, reject=args.reject,
@@ -290,6 +302,31 @@ def classify_command(argv: list[str]) -> int:
         print(f"EcoTaxa import table: {outputs.ecotaxa}")
     if summary.skipped:
         print(f"{summary.skipped} unreadable files listed in {outputs.skipped}")
+    print(f"provenance: {outputs.provenance}")
+    return 0
+
+
+def _classify_survey(args: argparse.Namespace) -> int:
+    survey = classify_samples(
+        args.checkpoint, args.samples, args.out, args.top_k, args.batch_size,
+        overwrite=args.overwrite, abundance=args.abundance, reject=args.reject,
+        ecotaxa=args.ecotaxa, n_boot=args.n_boot,
+    )  # fmt: skip
+    outputs = survey.outputs
+    images = sum(sample.images for sample in survey.samples)
+    print(
+        f"classified {images} images of {len(survey.samples)} samples on {survey.device}: "
+        f"{outputs.predictions}"
+    )
+    for sample in survey.samples:
+        if not sample.images:
+            print(f"  sample {sample.sample_id}: no readable image (counted zero)")
+    print(f"counts per sample: {outputs.counts}")
+    for path in outputs.wide.values():
+        print(f"  samples x classes: {path}")
+    skipped = sum(sample.skipped for sample in survey.samples)
+    print(f"unreadable files and empty samples: {outputs.skipped} ({skipped} files)")
+    print(f"provenance: {outputs.provenance}")
     return 0
 
 

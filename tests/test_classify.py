@@ -1,5 +1,6 @@
 import csv
 import errno
+import json
 import os
 import shutil
 from collections import Counter
@@ -382,6 +383,10 @@ def test_an_ecotaxa_table_is_written_among_the_images(strict, sample, tmp_path):
     rows = _read(table, delimiter="\t")[1:]  # below the type row
     assert [row["object_pred_1_category"] for row in rows] == [row["label_1"] for row in _read(out)]
     assert "object_pred_3_category" not in rows[0]
+    # The model and the suite that predicted the objects (workflows.classify_provenance).
+    provenance = json.loads(out.with_name("p_provenance.json").read_text())
+    assert {row["process_model_sha256"] for row in rows} == {provenance["checkpoint_sha256"]}
+    assert {row["process_suite_version"] for row in rows} == {provenance["suite_version"]}
 
     # The table is one of the outputs: never replaced without --overwrite.
     with pytest.raises(FileExistsError, match="ecotaxa_p.tsv exists"):

@@ -144,3 +144,20 @@ def test_bad_input(sample, change, message):
     with pytest.raises(ValueError, match=message):
         write_ecotaxa_predictions(**arguments)
     assert not (sample / "ecotaxa_sample.tsv").exists()
+
+
+def test_process_columns_name_what_predicted_every_object(sample):
+    process = {"process_model_sha256": "ab12", "process_suite_version": "0.1.0"}
+    table = write_ecotaxa_predictions(
+        sample / "ecotaxa_sample.tsv", FILES, CLASSES, PROBABILITIES, top_k=1, process=process
+    )
+    header, types, *data = rows(table)
+    assert header[-2:] == ["process_model_sha256", "process_suite_version"]
+    assert types[-2:] == ["[t]", "[t]"] and len(types) == len(header)
+    assert {tuple(row[-2:]) for row in data} == {("ab12", "0.1.0")}
+    assert not scan(table, format="ecotaxa").skipped
+    for bad, message in (({"model": "x"}, "not a process column"),
+                         ({"process_model": " "}, "process_model is empty")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            write_ecotaxa_predictions(sample / "ecotaxa_b.tsv", FILES, CLASSES, PROBABILITIES,
+                                      process=bad)  # fmt: skip

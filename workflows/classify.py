@@ -50,6 +50,7 @@ from lightning_modules.common.calibration import (
 )
 from lightning_modules.common.module import load_checkpoint
 from workflows.classify_outputs import ClassifyOutputs, write_outputs
+from workflows.classify_provenance import Provenance, command_settings
 from workflows.classify_sample import (
     Classifier,
     ClassifierSettings,
@@ -254,9 +255,10 @@ def classify_folder(
     n_boot: int = 200,
 ) -> ClassifyResult:
     """Classify every image below ``images`` and write ``out`` (top-k labels per image),
-    ``<stem>_counts.csv`` (the abundance table), ``<stem>_skipped.csv`` and, with ``ecotaxa``,
-    ``ecotaxa_<stem>.tsv`` in the image folder (an EcoTaxa import table of the predictions, whose
-    image paths are relative to that folder).
+    ``<stem>_counts.csv`` (the abundance table), ``<stem>_skipped.csv``,
+    ``<stem>_provenance.json`` (``Provenance``: the checkpoint's sha256, the settings, the time)
+    and, with ``ecotaxa``, ``ecotaxa_<stem>.tsv`` in the image folder (an EcoTaxa import table of
+    the predictions, whose image paths are relative to that folder).
 
     ``out`` must be a ``.csv`` path; none of the files may exist unless ``overwrite``. That, the
     options, and the calibration they need are checked before any image is read, so a long sample
@@ -292,13 +294,12 @@ def classify_folder(
         root, Path(out), top_k, batch_size, n_boot, abundance, ecotaxa, overwrite
     )
     files = _sample_images(root)
-    needs = [f"--abundance {name}" for name in estimators if name != "cc"]
-    if reject:
-        needs.append("--reject")
-    classifier = open_classifier(checkpoint, device, needs)
+    classifier = open_classifier(checkpoint, device, calibration_needs(estimators, reject))
+    settings = command_settings(top_k, batch_size, estimators, reject, n_boot, images=str(root))
+    provenance = Provenance.of(checkpoint, classifier, settings)
     prediction = predict(classifier, root, files, batch_size, top_k)
     quantification = quantify(prediction, classifier.calibration, estimators, reject, n_boot)
-    write_outputs(outputs, prediction, quantification)
+    write_outputs(outputs, prediction, quantification, provenance)
     return ClassifyResult.of(classifier, prediction, quantification, outputs)
 
 
@@ -317,14 +318,27 @@ def check_options(
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist or is not a folder")
     outputs = ClassifyOutputs.of(out, root, ecotaxa)
+    estimators = check_settings(top_k, batch_size, n_boot, abundance)
+    outputs.check(overwrite)
+    return outputs, estimators
+
+
+def check_settings(
+    top_k: int, batch_size: int, n_boot: int, abundance: str | Sequence[str]
+) -> list[str]:
+    """The estimators ``abundance`` names, once the numeric settings are checked."""
     if top_k < 1 or batch_size < 1 or n_boot < 1:
         raise ValueError(
             f"top_k, batch_size and n_boot must be at least 1, got {top_k}, {batch_size} and "
             f"{n_boot}"
         )
-    estimators = abundance_estimators(abundance)
-    outputs.check(overwrite)
-    return outputs, estimators
+    return abundance_estimators(abundance)
+
+
+def calibration_needs(estimators: list[str], reject: bool) -> list[str]:
+    """The options given that need a calibrated checkpoint (for ``open_classifier``)."""
+    needs = [f"--abundance {name}" for name in estimators if name != "cc"]
+    return [*needs, "--reject"] if reject else needs
 
 
 def open_classifier(
@@ -337,7 +351,8 @@ def open_classifier(
     calibration = _calibration(saved, checkpoint, needs)
     module, settings = _classifier(saved, Path(checkpoint))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return LoadedClassifier(module.to(device).eval(), settings, calibration, device)
+    method = method_of(saved["state_dict"])
+    return LoadedClassifier(module.to(device).eval(), settings, calibration, device, method)
 
 
 def _sample_images(root: Path) -> list[Path]:

@@ -1,13 +1,15 @@
 """The files a classified sample is written to: the predictions, the counts table, the unreadable
-images and, on request, an EcoTaxa import table next to the images."""
+images, the provenance sidecar and, on request, an EcoTaxa import table next to the images."""
 
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from datamodules.store import staging_path, write_csv_atomic
+from workflows.classify_provenance import Provenance
 from workflows.classify_sample import Prediction, Quantification
 from workflows.ecotaxa import PREFIX, SUFFIX, check_ecotaxa_name, write_ecotaxa_predictions
 
@@ -19,13 +21,14 @@ ESTIMATE_COLUMNS = ("count", "fraction", "low", "high")
 
 @dataclass(frozen=True)
 class ClassifyOutputs:
-    """The paths of one sample's outputs: ``predictions`` (``--out``), ``<stem>_counts.csv`` and
-    ``<stem>_skipped.csv`` beside it, and ``ecotaxa_<stem>.tsv`` in the image folder (None
-    unless asked for)."""
+    """The paths of one sample's outputs: ``predictions`` (``--out``), ``<stem>_counts.csv``,
+    ``<stem>_skipped.csv`` and ``<stem>_provenance.json`` beside it, and ``ecotaxa_<stem>.tsv``
+    in the image folder (None unless asked for)."""
 
     predictions: Path
     counts: Path
     skipped: Path
+    provenance: Path
     ecotaxa: Path | None = None
 
     @classmethod
@@ -37,29 +40,36 @@ class ClassifyOutputs:
             predictions=out,
             counts=out.with_name(f"{out.stem}_counts.csv"),
             skipped=out.with_name(f"{out.stem}_skipped.csv"),
+            provenance=out.with_name(f"{out.stem}_provenance.json"),
             ecotaxa=check_ecotaxa_name(images / f"{PREFIX}{out.stem}{SUFFIX}") if ecotaxa else None,
         )
 
     @property
     def paths(self) -> list[Path]:
         """Every file that will be written, ``predictions`` first."""
-        paths = (self.predictions, self.counts, self.skipped, self.ecotaxa)
+        paths = (self.predictions, self.counts, self.skipped, self.provenance, self.ecotaxa)
         return [path for path in paths if path is not None]
 
     def check(self, overwrite: bool) -> None:
-        """Before any image is read: refuse to write over a folder or (without ``overwrite``)
-        any existing file, as a mistyped ``--out`` must not replace someone's data; and make
-        sure every output's folder can be created and written (a read-only folder found after
-        hours of classifying wastes them)."""
-        for path in self.paths:
-            if path.is_dir():
-                raise ValueError(f"{path} is a folder; name a file with --out")
-            if path.exists() and not overwrite:
-                raise FileExistsError(
-                    f"{path} exists; choose another --out or pass --overwrite to replace it"
-                )
-        for folder in dict.fromkeys(path.parent for path in self.paths):
-            _check_writable(folder)
+        """``check_outputs`` of every path."""
+        check_outputs(self.paths, overwrite)
+
+
+def check_outputs(paths: Iterable[Path], overwrite: bool) -> None:
+    """Before any image is read: refuse to write over a folder or (without ``overwrite``) any
+    existing file, as a mistyped ``--out`` must not replace someone's data; and make sure every
+    output's folder can be created and written (a read-only folder found after hours of
+    classifying wastes them)."""
+    paths = list(paths)
+    for path in paths:
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder; name a file with --out")
+        if path.exists() and not overwrite:
+            raise FileExistsError(
+                f"{path} exists; choose another --out or pass --overwrite to replace it"
+            )
+    for folder in dict.fromkeys(path.parent for path in paths):
+        _check_writable(folder)
 
 
 def _check_writable(folder: Path) -> None:
@@ -78,7 +88,10 @@ def _check_writable(folder: Path) -> None:
 
 
 def write_outputs(
-    outputs: ClassifyOutputs, prediction: Prediction, quantification: Quantification
+    outputs: ClassifyOutputs,
+    prediction: Prediction,
+    quantification: Quantification,
+    provenance: Provenance,
 ) -> None:
     """Write every file of ``outputs``, each atomically, all or none: when one fails, those
     this call wrote are removed, so a re-run is not refused for a half set of outputs."""
@@ -89,8 +102,11 @@ def write_outputs(
         (outputs.counts, lambda path: write_counts(path, prediction.classes, quantification))
     )
     writers.append((outputs.skipped, lambda path: write_skipped(path, prediction)))
+    writers.append((outputs.provenance, provenance.write))
     if outputs.ecotaxa:  # first: it checks the most
-        writers.insert(0, (outputs.ecotaxa, lambda path: write_ecotaxa(path, prediction, labels)))
+        process = provenance.ecotaxa_columns
+        table = (outputs.ecotaxa, lambda path: write_ecotaxa(path, prediction, labels, process))
+        writers.insert(0, table)
     written: list[Path] = []
     try:
         for path, write in writers:
@@ -107,16 +123,25 @@ def write_skipped(path: Path, prediction: Prediction) -> None:
     write_csv_atomic(path, ["path", "reason"], prediction.skipped)
 
 
-def write_ecotaxa(path: Path, prediction: Prediction, labels: list[str] | None) -> None:
-    """The EcoTaxa import table of the sample (status ``predicted``), next to its images."""
+def write_ecotaxa(
+    path: Path,
+    prediction: Prediction,
+    labels: list[str] | None,
+    process: dict[str, str],
+    id_prefix: str = "",
+) -> None:
+    """The EcoTaxa import table of the sample (status ``predicted``), next to its images, with
+    the ``process`` columns; ``id_prefix`` (a survey's sample id) keeps object ids unique across
+    the samples imported into one project."""
     write_ecotaxa_predictions(
         path,
         prediction.names,
         prediction.classes,
         prediction.probabilities,
         top_k=prediction.top_k,
-        object_ids=_object_ids(prediction.names),
+        object_ids=[id_prefix + name for name in _object_ids(prediction.names)],
         labels=labels,
+        process=process,
     )
 
 
@@ -135,9 +160,22 @@ def write_predictions(path: Path, prediction: Prediction, labels: list[str] | No
     """One row per image: its path, its label (a ``label`` column only when ``labels`` are
     given, as only rejection makes them differ from ``label_1``), and its top-k classes with
     their probabilities, highest first."""
+    write_csv_atomic(
+        path,
+        prediction_header(prediction.top_k, labels is not None),
+        prediction_rows(prediction, labels),
+    )
+
+
+def prediction_header(top_k: int, labelled: bool) -> list[str]:
+    """The columns of ``write_predictions``: ``label`` only when ``labelled`` (rejection)."""
+    header = ["path", "label"] if labelled else ["path"]
+    return header + [f"{kind}_{i}" for i in range(1, top_k + 1) for kind in ("label", "prob")]
+
+
+def prediction_rows(prediction: Prediction, labels: list[str] | None) -> list[list[str]]:
+    """The rows of ``write_predictions``, one per image."""
     classes = prediction.classes
-    header = ["path"] if labels is None else ["path", "label"]
-    header += [f"{kind}_{i}" for i in range(1, prediction.top_k + 1) for kind in ("label", "prob")]
     rows = []
     for name, label, top_values, top_classes in zip(
         prediction.names,
@@ -150,7 +188,7 @@ def write_predictions(path: Path, prediction: Prediction, labels: list[str] | No
         for value, index in zip(top_values.tolist(), top_classes.tolist(), strict=True):
             row += [classes[index], f"{value:.4f}"]
         rows.append(row)
-    write_csv_atomic(path, header, rows)
+    return rows
 
 
 def write_counts(path: Path, classes: list[str], quantification: Quantification) -> None:

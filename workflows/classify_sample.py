@@ -55,13 +55,15 @@ class ClassifierSettings:
 @dataclass(frozen=True)
 class LoadedClassifier:
     """A checkpoint's classifier ready for samples: the module in eval mode on ``device``, the
-    preprocessing its training images had, and its calibration (None for a checkpoint written
-    before calibrations: plain softmax, counting only)."""
+    preprocessing its training images had, its calibration (None for a checkpoint written
+    before calibrations: plain softmax, counting only), and the registered method its state
+    dict belongs to (``method_of``; None when it matches none), recorded in the provenance."""
 
     module: Classifier
     settings: ClassifierSettings
     calibration: Calibration | None
     device: torch.device
+    method: str | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -137,6 +139,21 @@ def predict(
     Raises:
         ValueError: no file is readable; the message gives the first reasons.
     """
+    prediction = read_sample(classifier, root, files, batch_size, top_k)
+    if not prediction.names:
+        examples = "; ".join(f"{name} ({reason})" for name, reason in prediction.skipped[:3])
+        raise ValueError(
+            f"no readable image in {root}: all {len(prediction.skipped)} image files failed, "
+            f"e.g. {examples}"
+        )
+    return prediction
+
+
+def read_sample(
+    classifier: LoadedClassifier, root: Path, files: list[Path], batch_size: int, top_k: int
+) -> Prediction:
+    """``predict``, but a sample without a readable image gives a prediction of no rows (its
+    files all in ``skipped``): in a survey such a sample is reported, not an error."""
     preprocessing = classifier.settings.preprocessing
     view = eval_view(classifier.settings.image_size, classifier.settings.in_chans)
     names: list[str] = []
@@ -157,13 +174,10 @@ def predict(
         batch = view(torch.from_numpy(np.stack(arrays))).to(classifier.device)
         indices = torch.arange(len(names) - len(arrays), len(names))
         batches.append(_probabilities(classifier, batch, indices).cpu().numpy())
-    if not names:
-        examples = "; ".join(f"{name} ({reason})" for name, reason in skipped[:3])
-        raise ValueError(
-            f"no readable image in {root}: all {len(skipped)} image files failed, e.g. {examples}"
-        )
-    probabilities = np.concatenate(batches)
     classes = classifier.classes
+    probabilities = (
+        np.concatenate(batches) if batches else np.empty((0, len(classes)), dtype=np.float32)
+    )
     values, ranked = torch.from_numpy(probabilities).topk(min(top_k, len(classes)), dim=-1)
     return Prediction(classes, names, probabilities, values, ranked, skipped)
 

@@ -55,8 +55,9 @@ def check_ecotaxa_name(path: str | Path) -> Path:
     return path
 
 
-def ecotaxa_columns(top_k: int) -> tuple[list[str], list[str]]:
-    """The header row and the type row of a table with ``top_k`` ranked predictions."""
+def ecotaxa_columns(top_k: int, process: Iterable[str] = ()) -> tuple[list[str], list[str]]:
+    """The header row and the type row of a table with ``top_k`` ranked predictions, then the
+    text columns named in ``process``."""
     header = [
         "img_file_name",
         "object_id",
@@ -67,7 +68,8 @@ def ecotaxa_columns(top_k: int) -> tuple[list[str], list[str]]:
     for rank in range(1, top_k + 1):
         header += [f"object_pred_{rank}_category", f"object_pred_{rank}_score"]
         types += ["[t]", "[f]"]
-    return header, types
+    process = list(process)
+    return header + process, types + ["[t]"] * len(process)
 
 
 def write_ecotaxa_predictions(
@@ -78,6 +80,7 @@ def write_ecotaxa_predictions(
     top_k: int = 3,
     object_ids: list[str] | None = None,
     labels: list[str] | None = None,
+    process: dict[str, str] | None = None,
 ) -> Path:
     """Write ``path``, an EcoTaxa import table of one row per image, atomically; return it.
 
@@ -96,6 +99,8 @@ def write_ecotaxa_predictions(
             (e.g. prefixed with the sample name).
         labels: the ``object_annotation_category`` of each image (e.g. ``unknown`` for a
             rejected one); default the top-1 class. The status stays ``predicted``.
+        process: ``process_*`` columns and their one value for every image (what processed
+            the sample: the model's checksum, the software's version).
 
     Raises:
         ValueError: a wrong file name, lengths or shapes that do not match, duplicate or empty
@@ -103,6 +108,7 @@ def write_ecotaxa_predictions(
             numbers in [0, 1], or an image missing next to the table.
     """
     path = check_ecotaxa_name(path)
+    process = _checked_process(process or {})
     scores = _checked_scores(probabilities, len(files), len(class_names), top_k)
     object_ids = [PurePosixPath(f).stem for f in files] if object_ids is None else object_ids
     _check_column("object_ids", object_ids, len(files))
@@ -122,7 +128,8 @@ def write_ecotaxa_predictions(
     ranked = np.argsort(-scores, axis=1, kind="stable")[:, :top_k]
     labels = [class_names[row[0]] for row in ranked] if labels is None else labels
     _check_column("labels", labels, len(files))
-    text = _table(top_k, zip(files, object_ids, labels, strict=True), class_names, scores, ranked)
+    objects = zip(files, object_ids, labels, strict=True)
+    text = _table(top_k, objects, class_names, scores, ranked, process)
     # EcoTaxa reads Latin-1 unless the file starts with a UTF-8 mark: a class name with an
     # accent needs the mark, a plain ASCII table stays readable by older importers without it.
     write_text_atomic(path, text if text.isascii() else _BOM + text)
@@ -161,10 +168,11 @@ def _table(
     class_names: list[str],
     scores: np.ndarray,
     ranked: np.ndarray,
+    process: dict[str, str],
 ) -> str:
     """The table's text: the header and type rows, then per object (file, id, label) its
-    ranked predictions."""
-    header, types = ecotaxa_columns(top_k)
+    ranked predictions and the ``process`` values."""
+    header, types = ecotaxa_columns(top_k, process)
     buffer = io.StringIO()
     writer = csv.writer(buffer, delimiter="\t", lineterminator="\n")
     writer.writerow(header)
@@ -174,8 +182,19 @@ def _table(
         for index in order:
             # the shortest text that reads back as the same number, never in exponent notation
             line += [class_names[index], np.format_float_positional(row[index], trim="-")]
-        writer.writerow(line)
+        writer.writerow(line + list(process.values()))
     return buffer.getvalue()
+
+
+def _checked_process(process: dict[str, str]) -> dict[str, str]:
+    """``process`` once every name is a lower-case ``process_*`` column and every value is
+    given (EcoTaxa reads an empty cell as NULL)."""
+    for name, value in process.items():
+        if not (name.startswith("process_") and name == name.lower()):
+            raise ValueError(f"{name!r} is not a process column: name it process_<field>")
+        if not str(value).strip():
+            raise ValueError(f"{name} is empty; EcoTaxa needs a value for every image")
+    return {name: str(value) for name, value in process.items()}
 
 
 def _check_column(name: str, values: list[str], n: int) -> None:
