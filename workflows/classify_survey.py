@@ -52,7 +52,13 @@ from workflows.classify_outputs import (
     write_ecotaxa,
 )
 from workflows.classify_provenance import Provenance, command_settings
-from workflows.classify_sample import LoadedClassifier, Quantification, quantify, read_sample
+from workflows.classify_sample import (
+    LoadedClassifier,
+    Prediction,
+    Quantification,
+    quantify,
+    read_sample,
+)
 from workflows.ecotaxa import PREFIX, SUFFIX, check_ecotaxa_name
 
 # The manifest's columns: a sample's id and its image folder.
@@ -235,97 +241,126 @@ def classify_samples(
     outputs = SurveyOutputs.of(Path(out), found, estimators, ecotaxa)
     check_outputs(outputs.paths, overwrite)
     classifier = open_classifier(checkpoint, device, calibration_needs(estimators, reject))
-    settings = command_settings(top_k, batch_size, estimators, reject, n_boot, samples=str(samples))
-    provenance = Provenance.of(checkpoint, classifier, settings)
+    settings = SurveySettings(top_k, batch_size, estimators, reject, n_boot)
+    provenance = Provenance.of(
+        checkpoint,
+        classifier,
+        command_settings(top_k, batch_size, estimators, reject, n_boot, samples=str(samples)),
+    )
+    summaries = _write_survey(outputs, found, classifier, settings, provenance)
+    return SurveyResult(summaries, outputs, str(classifier.device))
+
+
+def _write_survey(
+    outputs: SurveyOutputs,
+    found: list[Sample],
+    classifier: LoadedClassifier,
+    settings: SurveySettings,
+    provenance: Provenance,
+) -> list[SampleSummary]:
+    """Classify the samples one after the other, streaming their prediction and skipped rows
+    and writing each EcoTaxa table as its sample finishes; the counts tables and the provenance
+    come last. When anything fails, no output of the run is left."""
     outputs.predictions.parent.mkdir(parents=True, exist_ok=True)
-    k = min(top_k, len(classifier.classes))
+    k, reject = min(settings.top_k, len(classifier.classes)), settings.reject
     predictions = _StagedCsv(outputs.predictions, ["sample_id", *prediction_header(k, reject)])
     skipped = _StagedCsv(outputs.skipped, ["sample_id", "path", "reason"])
     written: list[Path] = []
     try:
         summaries, counts = [], []
         for sample in found:
-            run = _SampleRun(classifier, estimators, reject, n_boot, provenance)
-            summaries.append(run.classify(sample, batch_size, top_k, predictions, skipped))
-            counts += run.count_rows
-            if sample.sample_id in outputs.ecotaxa and run.write_ecotaxa(outputs.ecotaxa):
-                written.append(outputs.ecotaxa[sample.sample_id])
+            result = classify_sample(classifier, sample, settings)
+            predictions.append(_prediction_rows(result))
+            skipped.append(_skipped_rows(result))
+            counts += _count_rows(result, classifier.classes, settings)
+            table = outputs.ecotaxa.get(sample.sample_id)
+            if table and result.prediction.names:  # a table of no object imports nothing
+                process = provenance.ecotaxa_columns
+                write_ecotaxa(
+                    table, result.prediction, result.labels, process, f"{sample.sample_id}_"
+                )
+                written.append(table)
+            summaries.append(result.summary)
         _write_counts(outputs, counts, classifier.classes, reject)
         written += [outputs.counts, *outputs.wide.values()]
         provenance.write(outputs.provenance)
+        written.append(outputs.provenance)
         predictions.commit()
         skipped.commit()
     except BaseException:
         predictions.discard()
         skipped.discard()
-        for path in [*written, outputs.provenance]:
+        for path in written:
             path.unlink(missing_ok=True)
         raise
-    return SurveyResult(summaries, outputs, str(classifier.device))
+    return summaries
 
 
-class _SampleRun:
-    """One sample through the loaded classifier: its rows for the survey's files."""
+@dataclass(frozen=True)
+class SurveySettings:
+    """The command's settings that every sample of a survey is classified with."""
 
-    def __init__(
-        self,
-        classifier: LoadedClassifier,
-        estimators: list[str],
-        reject: bool,
-        n_boot: int,
-        provenance: Provenance,
-    ) -> None:
-        self.classifier, self.estimators, self.reject = classifier, estimators, reject
-        self.n_boot, self.provenance = n_boot, provenance
-        self.count_rows: list[list[object]] = []
+    top_k: int
+    batch_size: int
+    estimators: list[str]
+    reject: bool
+    n_boot: int
 
-    def classify(
-        self,
-        sample: Sample,
-        batch_size: int,
-        top_k: int,
-        predictions: _StagedCsv,
-        skipped: _StagedCsv,
-    ) -> SampleSummary:
-        """Predict and count ``sample``, appending its prediction and skipped rows."""
-        self.sample = sample
-        files = image_files(sample.folder)
-        self.prediction = read_sample(self.classifier, sample.folder, files, batch_size, top_k)
-        sample_id, prediction = sample.sample_id, self.prediction
-        quantification = None
-        if prediction.names:
-            calibration = self.classifier.calibration
-            quantification = quantify(
-                prediction, calibration, self.estimators, self.reject, self.n_boot
-            )
-        self.labels = decisions(prediction, quantification) if quantification else None
-        rows = prediction_rows(prediction, self.labels)
-        predictions.append([[sample_id, *row] for row in rows])
-        reasons = [[sample_id, name, reason] for name, reason in prediction.skipped]
-        if not files:
-            suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
-            reasons.append([sample_id, "", f"no image files in the folder (suffixes {suffixes})"])
-        skipped.append(reasons)
-        self.count_rows = _count_rows(sample_id, prediction.classes, quantification, self)
-        return SampleSummary(sample_id, len(prediction.names), len(prediction.skipped))
 
-    def write_ecotaxa(self, tables: dict[str, Path]) -> bool:
-        """The sample's EcoTaxa table, when it has a readable image; whether it was written."""
-        if not self.prediction.names:
-            return False
-        sample_id = self.sample.sample_id
-        process = self.provenance.ecotaxa_columns
-        write_ecotaxa(tables[sample_id], self.prediction, self.labels, process, f"{sample_id}_")
-        return True
+@dataclass(frozen=True)
+class SampleResult:
+    """One sample through the classifier: its prediction, its quantification (None when no
+    image was readable) and each image's label (None without rejection)."""
+
+    sample: Sample
+    prediction: Prediction
+    quantification: Quantification | None
+    labels: list[str] | None
+
+    @property
+    def summary(self) -> SampleSummary:
+        prediction = self.prediction
+        return SampleSummary(self.sample.sample_id, len(prediction.names), len(prediction.skipped))
+
+
+def classify_sample(
+    classifier: LoadedClassifier, sample: Sample, settings: SurveySettings
+) -> SampleResult:
+    """Predict and quantify one sample of a survey, as ``classify_folder`` does its folder."""
+    files = image_files(sample.folder)
+    prediction = read_sample(classifier, sample.folder, files, settings.batch_size, settings.top_k)
+    if not prediction.names:
+        return SampleResult(sample, prediction, None, None)
+    quantification = quantify(
+        prediction, classifier.calibration, settings.estimators, settings.reject, settings.n_boot
+    )
+    return SampleResult(sample, prediction, quantification, decisions(prediction, quantification))
+
+
+def _prediction_rows(result: SampleResult) -> list[list[str]]:
+    """The sample's rows of the predictions file: its id, then a single sample's columns."""
+    rows = prediction_rows(result.prediction, result.labels)
+    return [[result.sample.sample_id, *row] for row in rows]
+
+
+def _skipped_rows(result: SampleResult) -> list[list[str]]:
+    """The sample's unreadable files; a folder without image files is one row of empty path."""
+    sample_id, prediction = result.sample.sample_id, result.prediction
+    rows = [[sample_id, name, reason] for name, reason in prediction.skipped]
+    if not prediction.names and not prediction.skipped:
+        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+        rows.append([sample_id, "", f"no image files in the folder (suffixes {suffixes})"])
+    return rows
 
 
 def _count_rows(
-    sample_id: str, classes: list[str], quantification: Quantification | None, run: _SampleRun
+    result: SampleResult, classes: list[str], settings: SurveySettings
 ) -> list[list[object]]:
     """The long counts rows of one sample, every class in the classifier's order per estimator;
     a sample without a readable image counts zero with NaN fractions."""
+    sample_id, quantification = result.sample.sample_id, result.quantification
     rows: list[list[object]] = []
-    for name in run.estimators:
+    for name in settings.estimators:
         if quantification is None:
             counts, estimates = np.zeros(len(classes), int), np.full((3, len(classes)), np.nan)
         else:
@@ -333,7 +368,7 @@ def _count_rows(
         for i, label in enumerate(classes):
             values = (f"{value:.4f}" for value in estimates[:, i])
             rows.append([sample_id, label, name, int(counts[i]), *values])
-        if run.reject:
+        if settings.reject:
             unknown = quantification.unknown if quantification else 0
             rows.append([sample_id, UNKNOWN, name, unknown, "", "", ""])
     return rows
