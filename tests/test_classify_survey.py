@@ -1,7 +1,9 @@
 """Classifying a survey of many samples in one run, and the provenance of every output set."""
 
+import errno
 import hashlib
 import json
+import os
 import shutil
 from datetime import datetime
 
@@ -153,3 +155,24 @@ def test_refusals_come_before_any_image_is_read(supervised, survey, tmp_path, mo
     with pytest.raises(SystemExit):  # --images and --samples exclude each other
         main([*command, "--images", str(survey / "station_a")])
     assert "not allowed with" in capsys.readouterr().err
+
+
+def test_a_failed_survey_leaves_no_output(supervised, survey, tmp_path, monkeypatch):
+    (survey / "station_d").mkdir()
+    (survey / "station_d" / "zero.png").write_bytes(b"")  # no readable image: counted zero
+    out = tmp_path / "out" / "s.csv"
+
+    def full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out.parent))
+
+    with monkeypatch.context() as patch:
+        patch.setattr("workflows.classify_survey._write_counts", full)
+        with pytest.raises(OSError, match="No space left"):
+            classify_samples(supervised[1], survey, out, device=DEVICE, ecotaxa=True)
+    assert not list(out.parent.iterdir()) and not (survey / "station_a" / "ecotaxa_s.tsv").exists()
+    result = classify_samples(supervised[1], survey, out, device=DEVICE)  # not refused
+    assert [(s.sample_id, s.images, s.skipped) for s in result.samples][2:] == [
+        ("station_c", 0, 0), ("station_d", 0, 1)
+    ]  # fmt: skip
+    assert {row["count"] for row in _read(out.with_name("s_samples_counts.csv"))
+            if row["sample_id"] == "station_d"} == {"0"}  # fmt: skip

@@ -20,6 +20,9 @@ test``) gives calibrated probabilities, ``softmax(logits / T)``, and with them:
   reported as ``unknown`` rather than forced into a class;
 - an EcoTaxa import table next to the images, so the predictions are validated in EcoTaxa.
 
+Every output set gets a provenance sidecar (``workflows.classify_provenance``); a survey of many
+samples in one run is ``workflows.classify_survey``.
+
 A checkpoint written before calibrations existed still classifies with the plain softmax and
 counts with ``cc``; the options that need calibration refuse it before any image is read, naming
 the command that adds it.
