@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from datamodules import PlanktonDataModule, SyntheticPlankton
 from datamodules.cache import default_cache_dir
@@ -389,7 +390,9 @@ LIGHTNING_COMMANDS = {
 }
 # Errors of the user's making (a path, a setting, a file that is no checkpoint, a folder that
 # cannot be written): one line, not a traceback. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (OSError, ValueError, pickle.UnpicklingError)
+# Lightning's MisconfigurationException is a setting it refuses (a resume to fewer epochs than the
+# checkpoint's, say): the user's to change.
+USER_ERRORS = (OSError, ValueError, pickle.UnpicklingError, MisconfigurationException)
 
 
 def command_list() -> str:

@@ -56,10 +56,19 @@ def test_a_diverged_fit_stops_in_one_line_and_keeps_no_checkpoint(source, tmp_pa
     args = [*TINY_FIT, *source, "--trainer.default_root_dir", str(root)]
     assert main(["fit", *args, "--model.init_args.lr", "1e12", "--trainer.max_epochs", "3"]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
-    assert "became NaN or infinite at step" in line and "32-true" in line
+    assert "became NaN or infinite at step" in line and "--model.init_args.lr" in line
+    assert "--trainer.precision" not in line  # it trains in 32-true already
     assert str(root) in line
     for checkpoint in root.glob("**/*.ckpt"):  # the epochs before it, finite
         load_checkpoint(checkpoint)
+
+
+def test_a_resume_to_fewer_epochs_is_one_line(source, trained, tmp_path, capsys):
+    root = tmp_path / "runs"
+    args = [*TINY_FIT, *source, "--trainer.default_root_dir", str(root)]
+    assert main(["fit", *args, "--trainer.max_epochs", "0", "--ckpt_path", str(trained)]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and "max_epochs" in line
 
 
 def test_a_checkpoint_with_non_finite_weights_is_refused(source, trained, tmp_path, capsys):

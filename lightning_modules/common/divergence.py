@@ -39,9 +39,10 @@ class StopOnDivergence(L.Callback):
         here = not (weights_finite and loss_finite)
         if trainer.strategy.reduce_boolean_decision(here, all=False):
             what = "the weights" if not weights_finite else "the loss" if here else "a rank's run"
+            full = str(trainer.precision) in ("32-true", "32", "64-true", "64")
+            advice = "" if full else ", or train in full precision (--trainer.precision 32-true)"
             raise TrainingDiverged(
                 f"{trainer.log_dir or trainer.default_root_dir}: {what} became NaN or infinite "
                 f"at step {trainer.global_step}; no checkpoint of this step is kept. Lower the "
-                "learning rate (--model.init_args.lr), or train in full precision "
-                "(--trainer.precision 32-true)"
+                f"learning rate (--model.init_args.lr){advice}"
             )
