@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lightning_modules.common.calibration import (
+    TEMPERATURE_RANGE,
     RejectionThreshold,
     calibrate,
     choose_rejection_threshold,
@@ -142,3 +143,11 @@ def test_bad_inputs_are_refused_with_the_expected_shape():
         negative_log_likelihood(logits[0], labels[:1])
     with pytest.raises(ValueError, match="not logits"):
         expected_calibration_error(logits, labels)
+
+
+def test_a_validation_split_separated_perfectly_keeps_a_bounded_temperature():
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    logits = 0.1 * torch.nn.functional.one_hot(labels, 3).float()  # every image right
+    with pytest.warns(UserWarning, match="no finite best temperature"):
+        temperature = fit_temperature(logits, labels)
+    assert temperature == TEMPERATURE_RANGE[0]

@@ -8,6 +8,7 @@ any prediction; the rejection threshold is then chosen on the calibrated maximum
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,8 +57,15 @@ def negative_log_likelihood(
     return F.cross_entropy(logits.double() / temperature, labels.long()).item()
 
 
+# The temperatures a fit may return. When every validation image is classified correctly (a
+# tiny split) the cross-entropy falls without end as T -> 0 and every probability becomes 1;
+# the loss is convex in 1 / T, so the fit clipped to this range is the best T within it.
+TEMPERATURE_RANGE = (0.05, 20.0)
+
+
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The temperature ``T > 0`` minimising the mean cross-entropy of ``logits / T``.
+    """The temperature ``T > 0`` minimising the mean cross-entropy of ``logits / T``, within
+    ``TEMPERATURE_RANGE`` (with a warning when the fit falls outside it).
 
     Temperature scaling, Guo et al. 2017, "On Calibration of Modern Neural Networks". Fit it
     on held-out (validation) logits: a temperature fitted on training logits only learns how
@@ -88,7 +96,16 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
             return loss
 
         optimizer.step(closure)
-    return log_t.detach().exp().item()
+    fitted = log_t.detach().exp().item()
+    low, high = TEMPERATURE_RANGE
+    if not low <= fitted <= high:
+        warnings.warn(
+            f"the temperature fitted on {len(labels)} validation images is {fitted:.3g}, kept at "
+            f"{min(max(fitted, low), high):g}: a validation split that the model separates (or "
+            "misses) completely has no finite best temperature; calibrate on more images",
+            stacklevel=2,
+        )
+    return min(max(fitted, low), high)
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
