@@ -51,17 +51,35 @@ verified: set[tuple[str, int, int, int, str]] = set()
 _held: dict[Path, int] = {}
 
 
-def _owner_token() -> str:
-    """``<pid>@<host>``: names the temporaries and leases of this process, so cleaning can tell
-    whether the process that wrote them is still running."""
+def owner_token() -> str:
+    """``<pid>@<host>``: names the temporaries, leases and run locks of this process, so that
+    another can tell whether the process that wrote them is still running."""
     return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def token_owner(token: str) -> tuple[int, str] | None:
+    """``(pid, host)`` from the end of a name ``...<pid>@<host>``, or None (an older name)."""
+    head, at, host = token.rpartition("@")
+    pid = head.rsplit(".", 1)[-1]
+    return (int(pid), host) if at and pid.isdigit() else None
+
+
+def runs_here(pid: int) -> bool:
+    """Whether process ``pid`` of this host is running (another user's counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def staging_path(path: Path) -> Path:
     """The temporary name ``path`` is written under before it is renamed into place. It names
     this process, so that ``plankton cache clean`` can tell a live writer's file from one left
     by a process that died."""
-    return path.with_name(f".{path.name}.{_owner_token()}.tmp")
+    return path.with_name(f".{path.name}.{owner_token()}.tmp")
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], T]) -> T:
@@ -189,7 +207,7 @@ class ArrayStore:
         Taken before the entry is opened or built (a build's temporaries and shards belong to
         its key too). A folder this user cannot write (a read-only shared cache) gets no lease:
         a warning says that cleaning by someone else could then remove the entry."""
-        path = self.folder / f"{key}{LEASE_MARK}{_owner_token()}"
+        path = self.folder / f"{key}{LEASE_MARK}{owner_token()}"
         if path in _held:
             return
         try:

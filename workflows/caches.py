@@ -26,7 +26,6 @@ nothing.
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from datamodules.cache import CACHE_VERSION
-from datamodules.store import LEASE_MARK, ArrayStore
+from datamodules.store import LEASE_MARK, ArrayStore, runs_here, token_owner
 from lightning_modules.probes.feature_cache import FEATURE_CACHE_VERSION
 
 DAY = 86400.0
@@ -151,26 +150,13 @@ def _key_of(name: str) -> str | None:
     return None
 
 
-def _owner(token: str) -> tuple[int, str] | None:
-    """``(pid, host)`` from the end of a name ``...<pid>@<host>``, or None (an older name)."""
-    head, at, host = token.rpartition("@")
-    pid = head.rsplit(".", 1)[-1]
-    return (int(pid), host) if at and pid.isdigit() else None
-
-
 def _alive(owner: tuple[int, str], mtime: float, now: float) -> bool:
     """Whether the process that wrote a file of age ``now - mtime`` may still run: checked by
     pid on this host, guessed from the age for another host's."""
     pid, host = owner
     if host != socket.gethostname():
         return now - mtime < FOREIGN_LEASE_DAYS * DAY
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
+    return runs_here(pid)
 
 
 def _live_leases(folder: Path, key: str, now: float) -> list[str]:
@@ -179,7 +165,7 @@ def _live_leases(folder: Path, key: str, now: float) -> list[str]:
     live = []
     for path in folder.glob(f"{key}{LEASE_MARK}*"):
         token = path.name.split(LEASE_MARK, 1)[1]
-        owner = _owner(token)
+        owner = token_owner(token)
         try:
             if owner is not None and _alive(owner, path.stat().st_mtime, now):
                 live.append(token)
@@ -235,13 +221,13 @@ def _doomed(entry: CacheEntry, now: float, unused_for_days: float) -> list[tuple
 def _leftover(path: Path, now: float) -> tuple[Path, str] | None:
     """A temporary or lease whose process has ended, with the reason; None for other files."""
     if LEASE_MARK in path.name:
-        owner = _owner(path.name.split(LEASE_MARK, 1)[1])
+        owner = token_owner(path.name.split(LEASE_MARK, 1)[1])
         if owner is None or not _alive(owner, _mtime(path), now):
             return path, "lease of a process that has ended"
         return None
     if not path.name.endswith(".tmp"):
         return None
-    owner = _owner(path.name.removesuffix(".tmp"))
+    owner = token_owner(path.name.removesuffix(".tmp"))
     if owner is not None and owner[1] == socket.gethostname():
         if _alive(owner, _mtime(path), now):
             return None

@@ -19,6 +19,8 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
+from datamodules.store import owner_token, runs_here, token_owner
+
 LOCK_NAME = ".plankton.lock"
 
 
@@ -26,23 +28,11 @@ class FolderInUse(ValueError):
     """Another live process holds the folder's lock (one line; a user's mistake, not a bug)."""
 
 
-def _token() -> str:
-    return f"{os.getpid()}@{socket.gethostname()}"
-
-
 def _has_ended(holder: str) -> bool:
     """Whether the ``pid@host`` holder is known to have ended: only a pid of this host can be
     checked; another host's holder counts as live."""
-    pid, _, host = holder.partition("@")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # a live process of another user
-    return False
+    owner = token_owner(holder)
+    return owner is not None and owner[1] == socket.gethostname() and not runs_here(owner[0])
 
 
 class FolderLock:
@@ -61,7 +51,7 @@ class FolderLock:
                 descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 holder = self._holder()
-                if holder == _token():
+                if holder == owner_token():
                     return
                 if holder is not None and not _has_ended(holder):
                     raise FolderInUse(
@@ -75,7 +65,7 @@ class FolderLock:
                 self.path.unlink(missing_ok=True)
                 continue
             with os.fdopen(descriptor, "w") as file:
-                file.write(_token())
+                file.write(owner_token())
             atexit.register(self.release)
             return
 
@@ -86,7 +76,7 @@ class FolderLock:
             return None  # released meanwhile: the next attempt takes it
 
     def release(self) -> None:
-        if self._holder() == _token():
+        if self._holder() == owner_token():
             self.path.unlink(missing_ok=True)
 
 
