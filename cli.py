@@ -37,7 +37,7 @@ from lightning_modules import DiffusionModule, load_diffusion
 from lightning_modules.common.figures import save_grid
 from workflows.caches import clean_caches, list_caches
 from workflows.classify import ESTIMATORS, classify_folder
-from workflows.classify_survey import classify_samples
+from workflows.classify_survey import SurveyResult, classify_samples
 from workflows.clustering import cluster_features
 from workflows.experiment import STAGES, Experiment, ExperimentRunner
 from workflows.lightning_cli import PlanktonCLI, datamodule_from_config, model_settings_from_config
@@ -270,13 +270,14 @@ def classify_command(argv: list[str]) -> int:
         "--overwrite", action="store_true", help="replace --out and the files written with it"
     )
     args = parser.parse_args(argv)
+    options = {
+        "top_k": args.top_k, "batch_size": args.batch_size, "overwrite": args.overwrite,
+        "abundance": args.abundance, "reject": args.reject, "ecotaxa": args.ecotaxa,
+        "n_boot": args.n_boot,
+    }  # fmt: skip
     if args.samples:
-        return _classify_survey(args)
-    summary = classify_folder(
-        args.checkpoint, args.images, args.out, args.top_k, args.batch_size,
-        overwrite=args.overwrite, abundance=args.abundance, reject=args.reject,
-        ecotaxa=args.ecotaxa, n_boot=args.n_boot,
-    )  # fmt: skip
+        return _print_survey(classify_samples(args.checkpoint, args.samples, args.out, **options))
+    summary = classify_folder(args.checkpoint, args.images, args.out, **options)
     outputs = summary.outputs
     temperature = summary.temperature
     probabilities = f"temperature {temperature:.3g}" if temperature else "uncalibrated"
@@ -307,12 +308,8 @@ def classify_command(argv: list[str]) -> int:
     return 0
 
 
-def _classify_survey(args: argparse.Namespace) -> int:
-    survey = classify_samples(
-        args.checkpoint, args.samples, args.out, args.top_k, args.batch_size,
-        overwrite=args.overwrite, abundance=args.abundance, reject=args.reject,
-        ecotaxa=args.ecotaxa, n_boot=args.n_boot,
-    )  # fmt: skip
+def _print_survey(survey: SurveyResult) -> int:
+    """Print what a survey (``classify --samples``) classified and wrote."""
     outputs = survey.outputs
     images = sum(sample.images for sample in survey.samples)
     print(
